@@ -1,0 +1,111 @@
+"""Model complexity: parameter counts and MACs of a backbone with an SCConv variant.
+
+MACs are the multiply-accumulates that ``torch.utils.flop_counter.FlopCounterMode`` counts
+(convolutions, linear layers and matrix products), i.e. its FLOPs divided by 2. Normalisation,
+activations, pooling, softmax and element-wise products (the SRU gate, the CRU fuse) are not
+counted, as in the MAC figures papers report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ablate.config import ModelConfig, _check
+from ablate.models import build_model
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not); buffers such as BN statistics are not counted."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
+    """MACs of one eval-mode, no-grad forward of a single ``in_channels x image_size x image_size`` image."""
+    _check_image_size(image_size)
+    reference = next(model.parameters(), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.float32
+    # A fixed generator: the count must not depend on, or disturb, the global RNG.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, in_channels, image_size, image_size, generator=generator).to(device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def profile_rows(model_cfg: ModelConfig, image_size: int, compare: bool) -> list[dict]:
+    """One row per model (resolved config, params, MACs); ``compare`` puts the order "none" baseline first
+    and adds ``params_ratio``/``macs_ratio`` against it to every row."""
+    _check_image_size(image_size)
+    cfg = model_cfg.resolved()
+    configs = [cfg]
+    if compare:
+        baseline = replace(cfg, scconv=replace(cfg.scconv, order="none"))
+        configs = [baseline] if cfg.scconv.order == "none" else [baseline, cfg]
+    rows = [_profile_row(c, image_size) for c in configs]
+    if compare:
+        base = rows[0]
+        for row in rows:
+            row["params_ratio"] = round(row["params"] / base["params"], 4)
+            row["macs_ratio"] = round(row["macs"] / base["macs"], 4)
+    return rows
+
+
+def _check_image_size(image_size: int) -> None:
+    ok = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 8
+    _check("image_size", image_size, ok, "an integer >= 8")
+
+
+def _profile_row(cfg: ModelConfig, image_size: int) -> dict:
+    # Seeded so that building for a profile leaves the caller's RNG as it was.
+    model = build_model(cfg, seed=0)
+    return {
+        "backbone": cfg.backbone,
+        "order": cfg.scconv.order,
+        "preset": cfg.scconv.preset,
+        "placement": cfg.placement,
+        "num_classes": cfg.num_classes,
+        "image_size": image_size,
+        "params": count_params(model),
+        "macs": count_macs(model, image_size),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """An aligned text table: params in M, MACs in G (or M below 1 G), and the ratios when present."""
+    headers = ["backbone", "order", "preset", "placement", "classes", "image", "params", "MACs"]
+    with_ratios = bool(rows) and "params_ratio" in rows[0]
+    if with_ratios:
+        headers += ["params x", "MACs x"]
+    body = [_format_row(row, with_ratios) for row in rows]
+    widths = [max(len(cells[i]) for cells in [headers, *body]) for i in range(len(headers))]
+    numeric = set(range(4, len(headers)))  # right-align the numbers
+    lines = [
+        "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        for cells in [headers, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format_row(row: dict, with_ratios: bool) -> list[str]:
+    cells = [
+        row["backbone"], row["order"], row["preset"], row["placement"], str(row["num_classes"]),
+        str(row["image_size"]), f"{row['params'] / 1e6:.3f}M", _format_macs(row["macs"]),
+    ]
+    if with_ratios:
+        cells += [f"{row['params_ratio']:.4f}", f"{row['macs_ratio']:.4f}"]
+    return cells
+
+
+def _format_macs(macs: int) -> str:
+    return f"{macs / 1e9:.3f}G" if macs >= 1e9 else f"{macs / 1e6:.2f}M"

@@ -1,0 +1,1 @@
+"""Read tracked runs back and explain them; never trains."""
