@@ -1,0 +1,161 @@
+"""Curve metrics on curves whose answers are known by construction."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fluctuation import (
+    CURVE_METRICS,
+    CURVES,
+    METRIC_DOCS,
+    MIN_TREND_POINTS,
+    curve_metrics,
+    residual,
+    run_metrics,
+    spike_count,
+)
+
+N = 60
+EPOCHS = np.arange(N, dtype=float)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.7, 250.0])
+def test_constant_curve_has_zero_of_each(level):
+    assert curve_metrics(np.full(N, level)) == dict.fromkeys(CURVE_METRICS, 0.0)
+
+
+@pytest.mark.parametrize("slope", [-0.013, 0.02])
+def test_linear_curve_has_zero_residual_and_zero_excess_tv(slope):
+    m = curve_metrics(2.0 + slope * EPOCHS)
+    assert m["resid_sd"] == 0.0
+    assert m["spike_count"] == 0.0
+    assert m["excess_tv"] == pytest.approx(0.0, abs=1e-12)
+    assert m["up_moves"] == pytest.approx(max(slope, 0.0) * (N - 1))
+
+
+def test_monotone_decreasing_curve_has_no_up_moves_and_no_excess_tv():
+    m = curve_metrics(0.4 + 2.0 * np.exp(-EPOCHS / 12.0))
+    assert m["up_moves"] == 0.0
+    assert m["excess_tv"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_zigzag_tv_and_up_moves():
+    m = curve_metrics(np.array([1.0, 2.0, 3.0, 2.0, 5.0]))
+    assert m["up_moves"] == pytest.approx(5.0)  # 1 + 1 + 3
+    assert m["excess_tv"] == pytest.approx(2.0)  # path 6 - net 4
+
+
+@pytest.mark.parametrize("base", [np.zeros(N), 2.0 - 0.03 * EPOCHS])
+def test_pure_spike_train_counts_its_spikes(base):
+    spikes = {0: -1.0, 5: 1.0, 17: 1.0, 30: -1.0, 44: 2.0, 59: 1.0}
+    y = base.copy()
+    y[list(spikes)] += list(spikes.values())
+    assert curve_metrics(y)["spike_count"] == len(spikes)
+    # the robust trend keeps the spikes out: the residual is the spikes and nothing else
+    np.testing.assert_allclose(residual(y), y - base, atol=1e-9)
+    y[30] = base[30] - 0.5  # a smaller spike is partly absorbed by the trend, yet still counted
+    assert curve_metrics(y)["spike_count"] == len(spikes)
+
+
+def test_spikes_on_noisy_trend_are_found_with_few_false_ones():
+    rng = np.random.default_rng(3)
+    trend = 0.5 + 2.0 * np.exp(-EPOCHS / 15.0)
+    where = [8, 21, 37, 50]
+    counts = []
+    for _ in range(50):
+        y = trend + rng.normal(0.0, 0.02, N)
+        y[where] += 0.3  # 15 noise SDs
+        counts.append(curve_metrics(y)["spike_count"])
+    assert min(counts) >= len(where)
+    assert np.mean(counts) - len(where) < 0.6
+
+
+def test_spike_count_false_positive_rate_on_white_noise():
+    rng = np.random.default_rng(4)
+    counts = [curve_metrics(rng.normal(0.0, 1.0, N))["spike_count"] for _ in range(300)]
+    # Gaussian ideal is 0.16 per 60 points; the module docstring states about 0.35
+    assert np.mean(counts) < 0.5
+
+
+def test_resid_sd_reads_about_090_of_white_noise_sd():
+    rng = np.random.default_rng(5)
+    sds = [curve_metrics(rng.normal(0.0, 0.3, N))["resid_sd"] / 0.3 for _ in range(200)]
+    assert 0.85 < np.mean(sds) < 0.95
+
+
+def test_spike_count_guards_zero_mad():
+    resid = np.zeros(40)
+    assert spike_count(resid) == 0
+    resid[[3, 30]] = 1.0  # MAD is 0; the MeanAD fallback still scores the two points
+    assert spike_count(resid) == 2
+
+
+def test_alternating_curve_is_high_frequency_and_anticorrelated():
+    m = curve_metrics(np.tile([1.0, -1.0], N // 2))
+    assert m["hf_share"] > 0.99
+    assert m["lag1_autocorr"] < -0.95
+
+
+def test_slow_wave_is_low_frequency_and_positively_correlated():
+    m = curve_metrics(np.sin(2 * np.pi * EPOCHS / 20.0))
+    assert m["hf_share"] < 0.01
+    assert m["lag1_autocorr"] > 0.5
+
+
+def test_short_curves_follow_the_documented_rule():
+    assert all(math.isnan(v) for v in curve_metrics(np.array([1.0])).values())
+    short = curve_metrics(np.array([3.0, 1.0, 2.0]))
+    assert short["excess_tv"] == pytest.approx(2.0) and short["up_moves"] == pytest.approx(1.0)
+    assert all(math.isnan(short[k]) for k in ("resid_sd", "spike_count", "hf_share", "lag1_autocorr"))
+    # between MIN_TREND_POINTS and the span the window shrinks: a line still leaves nothing
+    line = curve_metrics(1.0 - 0.1 * np.arange(MIN_TREND_POINTS + 1))
+    assert line["resid_sd"] == 0.0 and line["hf_share"] == 0.0
+
+
+def test_non_finite_curve_gives_nan():
+    y = np.linspace(2.0, 1.0, 20)
+    y[7] = np.inf
+    assert all(math.isnan(v) for v in curve_metrics(y).values())
+
+
+def _history(val_loss, train_loss):
+    return pd.DataFrame({"epoch": np.arange(len(val_loss)), "val_loss": val_loss, "train_loss": train_loss})
+
+
+def test_run_metrics_keys_ratio_and_gap():
+    rng = np.random.default_rng(6)
+    val = 1.0 + 0.01 * EPOCHS + rng.normal(0.0, 0.05, N)
+    train = 1.0 - 0.01 * EPOCHS + rng.normal(0.0, 0.01, N)
+    out = run_metrics(_history(val, train))
+    expected = {f"{c}.{m}" for c in ("val_loss", "train_loss") for m in CURVE_METRICS}
+    assert set(out) == expected | {"val_train_resid_ratio", "gen_gap_final"}
+    assert out["val_train_resid_ratio"] == pytest.approx(out["val_loss.resid_sd"] / out["train_loss.resid_sd"])
+    assert out["gen_gap_final"] == pytest.approx(val[-1] - train[-1])
+    assert set(out) <= set(METRIC_DOCS)
+
+
+def test_run_metrics_from_epoch_sorting_duplicates_and_missing_values():
+    val = 2.0 - 0.02 * EPOCHS
+    val[3] += 5.0  # a spike before the cut
+    hist = _history(val, 1.5 - 0.01 * EPOCHS)
+    hist.loc[N - 1, "train_loss"] = np.nan  # not logged at the last epoch
+    stale = pd.DataFrame({"epoch": [20], "val_loss": [99.0], "train_loss": [99.0]})
+    shuffled = pd.concat([stale, hist.sample(frac=1.0, random_state=0)], ignore_index=True)
+    out = run_metrics(shuffled, from_epoch=10)
+    assert out["val_loss.excess_tv"] == pytest.approx(0.0, abs=1e-12)  # spike cut, stale row replaced
+    assert out["gen_gap_final"] == pytest.approx(val[N - 2] - (1.5 - 0.01 * (N - 2)))
+    assert math.isnan(out["val_train_resid_ratio"])  # train_loss is a line: resid_sd 0
+
+
+def test_run_metrics_skips_missing_curves():
+    hist = pd.DataFrame({"epoch": np.arange(10), "val_acc": np.linspace(0.5, 0.9, 10)})
+    out = run_metrics(hist)
+    assert set(out) == {f"val_acc.{m}" for m in CURVE_METRICS}
+
+
+def test_metric_docs_cover_every_name():
+    for curve in CURVES:
+        for name in CURVE_METRICS:
+            assert METRIC_DOCS[name] and METRIC_DOCS[f"{curve}.{name}"]
