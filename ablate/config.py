@@ -302,7 +302,9 @@ def field_docs() -> dict[str, str]:
 def _flatten_input(values: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, Mapping) and key in ("model", "data", "train", "run"):
+        if isinstance(value, Mapping) and key == "train":
+            flat.update({("train_preset" if k == "preset" else k): v for k, v in value.items()})
+        elif isinstance(value, Mapping) and key in ("model", "data", "run"):
             flat.update(_flatten_input(value))
         elif isinstance(value, Mapping) and key == "scconv":
             flat.update({f"scconv.{k}": v for k, v in value.items()})

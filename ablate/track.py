@@ -1,0 +1,215 @@
+"""MLflow tracking: stores, experiments, the run lifecycle and its statuses.
+
+The default store is SQLite (``sqlite:///mlruns/mlflow.db``) with artifacts beside it, never MLflow's file store.
+Run status is the truth: FINISHED, FAILED (exception or non-finite loss) or KILLED (interrupt, pruned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import unquote, urlparse
+
+DEFAULT_STORE_DIR = "mlruns"
+DEFAULT_DB = "mlflow.db"
+
+#: Run statuses as MLflow names them.
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: the argument, else ``MLFLOW_TRACKING_URI``, else the repo-local SQLite store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{Path(DEFAULT_STORE_DIR, DEFAULT_DB).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        from ablate.config import ConfigError
+
+        raise ConfigError(
+            f"tracking_uri={uri!r} is not valid; accepted: a database URI (sqlite:///path.db, postgresql://...) or "
+            "an http(s):// tracking server (MLflow's file store is not supported)"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):]))
+
+
+def default_artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: ``SCCONV_ARTIFACT_ROOT``, else ``artifacts/`` beside a SQLite file.
+
+    None lets a tracking server choose (its ``--artifacts-destination``).
+    """
+    root = os.environ.get("SCCONV_ARTIFACT_ROOT")
+    if root:
+        return Path(root).resolve().as_uri()
+    db = sqlite_path(uri)
+    if db is not None:
+        return (db.resolve().parent / "artifacts").as_uri()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_mlflow() -> None:
+    # Alembic prints a dozen INFO lines when it creates the schema; users need none of them.
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def client(uri: str | None = None):
+    """An MlflowClient on the resolved store (creates the SQLite folder when needed)."""
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    uri = resolve_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(mlflow_client, name: str) -> str:
+    """The id of experiment ``name``, created (with our artifact root) when missing; restores a deleted one."""
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=default_artifact_root(mlflow_client.tracking_uri))
+    except MlflowException:
+        # Another worker created it between our lookup and create.
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit of the code that runs (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder behind a ``file:`` artifact URI (so checkpoints can be written in place), else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path))
+    return None
+
+
+def _param_value(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+class TrackedRun:
+    """One MLflow run: params, per-epoch metrics, artifacts and an honest final status.
+
+    Use as a context manager; an exception ends the run FAILED, an interrupt KILLED.
+    """
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client = mlflow_client
+        self.run_id = run_id
+        self.status: str = RUNNING
+        self._monitor = None
+
+    @classmethod
+    def start(cls, mlflow_client, experiment_id: str, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str], parent_run_id: str | None = None) -> "TrackedRun":
+        """Create a RUNNING run with its params and tags (nested under ``parent_run_id`` when given)."""
+        from mlflow.entities import Param
+
+        all_tags = {"ablate.git_commit": git_commit(), "ablate.role": "run", **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            mlflow_client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return cls(mlflow_client, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, mlflow_client, run_id: str) -> "TrackedRun":
+        """Mark an existing run RUNNING again (``--resume``)."""
+        mlflow_client.update_run(run_id, status=RUNNING)
+        return cls(mlflow_client, run_id)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one point per metric at ``step`` (the epoch index), in batches."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def last_logged_step(self, key: str) -> int:
+        """The largest step logged for ``key`` (-1 when none)."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=-1)
+
+    def start_system_metrics(self) -> bool:
+        """Sample CPU, memory (and GPU with nvidia-ml-py) into the run; needs psutil, else skipped."""
+        if importlib.util.find_spec("psutil") is None:
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+        self._monitor.start()
+        return True
+
+    def end(self, status: str) -> None:
+        """Stop system metrics and set the final status."""
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
+        self.status = status
+        self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> "TrackedRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.status == RUNNING:
+            if exc_type is None:
+                self.end(FINISHED)
+            elif issubclass(exc_type, KeyboardInterrupt):
+                self.end(KILLED)
+            else:
+                self.set_tags({"failure": exc_type.__name__})
+                self.end(FAILED)
+        return False

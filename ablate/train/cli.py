@@ -1,0 +1,103 @@
+"""`ablate train` and `ablate ui`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from ablate.config import DATASETS, DEVICES, RunConfig, field_docs, parse_assignments
+
+
+def register(sub) -> None:
+    """Add the ``train`` and ``ui`` commands to the ``ablate`` parser."""
+    from ablate.cli import _choices_type, add_scconv_args
+
+    keys = "\n".join(f"  {k:<22} {doc}" for k, doc in field_docs().items())
+    p = sub.add_parser(
+        "train", help="train one variant, tracked in MLflow",
+        description="Train one SCConv variant end to end and track it in MLflow (params, per-epoch curves, gate "
+                    "statistics, predictions, checkpoint).",
+        epilog=f"Every config key can be set with --set KEY=VALUE:\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", type=_choices_type("dataset", DATASETS), default=None,
+                   help="digits (embedded, default), cifar100, food101, imagefolder")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset (default ~/.cache/scconv-ablate/data)")
+    p.add_argument("--download", action="store_true", default=None, help="fetch cifar100/food101 when missing")
+    p.add_argument("--backbone", default=None, help="resnet20 (default), resnet56, resnet50, densenet121")
+    p.add_argument("--placement", default=None, help="DenseNet: replace (default) or insert")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the training preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=None, help="input side (digits 32, others 224)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--device", type=_choices_type("device", DEVICES), default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default scconv-ablate)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--set", dest="assignments", action="append", metavar="KEY=VALUE", default=[],
+                   help="set any config key (repeatable), e.g. --set scconv.alpha=0.25")
+    p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue an interrupted run from its checkpoint")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not keep the final checkpoint as an artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_scconv_args(p, order_default=None)
+    p.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the tracking store",
+                       description="Start `mlflow ui` on 127.0.0.1 over the default store (or --tracking-uri).")
+    u.add_argument("--tracking-uri", default=None, help="store to show (default: the same as `ablate train`)")
+    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    u.set_defaults(func=cmd_ui)
+
+
+_ARG_KEYS = {"dataset": "dataset", "data_root": "data_root", "download": "download", "backbone": "backbone",
+             "placement": "placement", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+             "image_size": "image_size", "seed": "seed", "device": "device", "experiment": "experiment"}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config: defaults, then the named options, then --set (the last word wins)."""
+    from ablate.cli import scconv_overrides
+
+    flat = {key: getattr(args, attr) for attr, key in _ARG_KEYS.items() if getattr(args, attr) is not None}
+    flat.update(scconv_overrides(args))
+    if args.no_checkpoint:
+        flat["log_checkpoint"] = False
+    flat.update(parse_assignments(args.assignments))
+    return RunConfig.from_dict(flat)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ablate import track
+    from ablate.train import run_training
+
+    cfg = config_from_args(args)
+    uri = track.resolve_tracking_uri(args.tracking_uri)
+    result = run_training(cfg, tracking_uri=uri, resume_run_id=args.resume, progress=not args.quiet)
+    final = result.final
+    summary = (f"run {result.run_id} {result.status} after {result.epochs_run} epochs"
+               + (f": val_loss {final['val_loss']:.4f}, val_acc {final['val_acc']:.4f}" if final else "")
+               + (f" ({result.failure})" if result.failure else ""))
+    print(summary)
+    print(f"open the MLflow UI: {ui_command(uri)}")
+    return 0 if result.status == track.FINISHED else 1
+
+
+def ui_command(uri: str) -> str:
+    """The shell command that opens the MLflow UI on ``uri``."""
+    from ablate import track
+
+    default = track.resolve_tracking_uri(None) == uri
+    return "ablate ui" if default else f"ablate ui --tracking-uri {shlex.quote(uri)}"
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ablate import track
+
+    uri = track.resolve_tracking_uri(args.tracking_uri)
+    track.client(uri)  # creates the SQLite folder so the UI starts on a fresh checkout
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd)
