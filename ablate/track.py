@@ -61,7 +61,7 @@ def default_artifact_root(uri: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     # Alembic prints a dozen INFO lines when it creates the schema; users need none of them.
     for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -71,7 +71,7 @@ def client(uri: str | None = None):
     """An MlflowClient on the resolved store (creates the SQLite folder when needed)."""
     from mlflow.tracking import MlflowClient
 
-    _quiet_mlflow()
+    quiet_mlflow()
     uri = resolve_tracking_uri(uri)
     db = sqlite_path(uri)
     if db is not None:

@@ -93,9 +93,13 @@ def curve_metrics(values: np.ndarray) -> dict[str, float]:
     if y.size < 2 or not np.all(np.isfinite(y)):
         return out
     steps = np.diff(y)
-    # max(0, .) because float rounding can leave -1e-17 for a monotone curve
-    out["excess_tv"] = float(max(np.abs(steps).sum() - abs(y[-1] - y[0]), 0.0))
-    out["up_moves"] = float(np.clip(steps, 0.0, None).sum())
+    tol = _rounding_tol(y)
+    # Path lengths within float32 rounding of the curve are 0: a monotone curve must not leave 1e-16
+    # (a ratio against a zero baseline would explode).
+    excess = np.abs(steps).sum() - abs(y[-1] - y[0])
+    out["excess_tv"] = float(excess) if excess > tol * y.size else 0.0
+    up = np.clip(steps, 0.0, None).sum()
+    out["up_moves"] = float(up) if up > tol * y.size else 0.0
     if y.size < MIN_TREND_POINTS:
         return out
     resid, loo_resid = _residuals(y, TREND_SPAN)

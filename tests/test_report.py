@@ -1,0 +1,146 @@
+"""analysis.report and `analysis report`: tables, figure infos, files, honest p-values, MLflow logging, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+from test_runs import COUPLED_LAYER, log_study
+
+from analysis import stats
+
+
+@pytest.fixture
+def study(store):
+    """3 variants x 3 seeds, 12 epochs; sru_cru is the noisy one; a study parent run."""
+    log_study(store)
+    return store
+
+
+def _data(uri, **kw):
+    from analysis.report import build_report_data
+    from analysis.runs import make_client
+
+    return build_report_data(make_client(uri), "synthetic", n_boot=200, **kw)
+
+
+def test_tables_and_comparisons(study):
+    data = _data(study)
+    assert len(data.run_metrics) == 9
+    assert {"run_id", "variant", "seed", "val_loss.resid_sd", "churn.flip_rate_mean",
+            "gate.sru.flip_share"} <= set(data.run_metrics.columns)
+    assert list(data.comparisons.columns) == list(stats.RESULT_COLUMNS)
+    primary = data.comparisons[data.comparisons["metric"] == "val_loss.resid_sd"].set_index("variant")
+    assert primary.loc["sru_cru", "ratio"] > 1.5 and primary.loc["sru_cru", "ratio"] > primary.loc["sru", "ratio"]
+    assert (primary["n_variant"] == 3).all() and (primary["baseline"] == "none").all()
+    assert not any(c.startswith("gate.") for c in data.comparisons["metric"])  # gates are explained, not compared
+    assert data.flip_coupling.groupby("variant").first()["layer"].eq(COUPLED_LAYER).all()
+    assert len(data.churn) == 9 and set(data.churn["kind"]) <= {"confidence", "predictions", "undetermined"}
+
+
+def test_figure_infos(study):
+    from analysis import report
+
+    data = _data(study)
+    curves = report.get_loss_curves_info(data)
+    assert curves.variants == ["none", "sru", "sru_cru"]
+    assert [len(curves.runs[v]) for v in curves.variants] == [3, 3, 3]
+    assert all(len(r["val_loss"]) == 12 for r in curves.runs["sru"])
+    heat = report.get_gate_heatmap_info(data, "sru", "flip_share")
+    assert heat.variants == ["sru", "sru_cru"] and heat.layers == ["layer1.0.conv2", "layer2.0.conv2"]
+    assert heat.epochs == list(range(12)) and len(heat.z["sru"]) == 2 and len(heat.z["sru"][0]) == 12
+    assert report.get_gate_heatmap_info(data, "cru", "beta_entropy").variants == ["sru_cru"]
+    assert report.get_gate_heatmap_info(data, "sru", "not_a_stat") is None
+    fl = report.get_fluctuation_info(data)
+    assert fl.metrics[0] == "val_loss.resid_sd" and set(fl.ratios["variant"]) == {"sru", "sru_cru"}
+    points = report.get_flip_scatter_info(data)
+    assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == 2
+
+
+def test_summary_states_findings_with_numbers(study):
+    from analysis.report import summary_markdown
+
+    text = summary_markdown(_data(study))
+    line = next(l for l in text.splitlines() if l.startswith("- `sru_cru` vs `none`"))
+    assert re.search(r"ratio \d", line) and "95% CI" in line and re.search(r"p = 0\.\d", line)
+    # 3 vs 3 runs cannot reach p < 0.05 two-sided: the report says so and how many seeds it needs
+    assert "smallest attainable p is 0.1" in line and f"{stats.min_seeds_for(0.05)} seeds" in line
+    assert f"most in {COUPLED_LAYER}" in text
+    assert "| val_loss.resid_sd p |" in text  # tested: p and q of the primary metric in the key table
+
+
+def test_one_run_per_variant_prints_no_p_value(store):
+    from analysis.report import summary_markdown
+
+    log_study(store, seeds=1, predictions=False)
+    data = _data(store)
+    assert data.comparisons["p_value"].isna().all()
+    text = summary_markdown(data)
+    assert not re.search(r"\bp = ", text) and not re.search(r"\| \S+ [pq] \|", text) and "q =" not in text
+    assert "Descriptive only" in text and f"at least {stats.min_seeds_for(0.05)} seeds per variant" in text
+
+
+def test_cli_writes_files_and_logs_to_parent(study, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from analysis.cli import main
+
+    out = tmp_path / "rep"
+    assert main(["report", "--experiment", "synthetic", "--tracking-uri", study, "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == str((out / "index.html").resolve())
+    for name in ("index.html", "summary.md", "comparisons.csv", "run_metrics.csv", "churn.csv", "flip_coupling.csv"):
+        assert (out / name).is_file(), name
+    page = (out / "index.html").read_text()
+    assert not re.search(r"<script[^>]*src=[^>]*cdn", page, re.I)
+    assert len(re.findall(r"plotly\.js v\d", page)) == 1  # plotly.js embedded once
+    assert list(pd.read_csv(out / "comparisons.csv").columns) == list(stats.RESULT_COLUMNS)
+    client = MlflowClient(study)
+    exp = client.get_experiment_by_name("synthetic")
+    parent = client.search_runs([exp.experiment_id], "tags.`ablate.role` = 'study'")[0]
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/index.html", "report/summary.md", "report/comparisons.csv"} <= logged
+
+
+def test_report_run_when_there_is_no_parent(store, tmp_path):
+    from mlflow import MlflowClient
+
+    from analysis.report import make_report
+    from analysis.runs import make_client
+
+    log_study(store, name="solo", parent=False, predictions=False)
+    index, run_id = make_report(make_client(store), "solo", tmp_path / "r")
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.tags["ablate.role"] == "report" and run.info.status == "FINISHED"
+    assert "report/summary.md" in {f.path for f in MlflowClient(store).list_artifacts(run_id, "report")}
+    assert index.is_file() and not (tmp_path / "r" / "churn.csv").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--experiment", "nope"], "existing experiments: .*synthetic"),
+    (["--experiment", "synthetic", "--baseline", "nope"], "variants: none, sru, sru_cru"),
+    (["--experiment", "synthetic", "--group-by", "scconv.nope"], "not a param"),
+    (["--experiment", "synthetic", "--from-epoch", "50"], "accepted: 0..11"),
+])
+def test_bad_input_exits_2_and_writes_nothing(study, tmp_path, capsys, args, expected):
+    from mlflow import MlflowClient
+
+    from analysis.cli import main
+
+    before = len(MlflowClient(study).search_runs(["0", MlflowClient(study).get_experiment_by_name("synthetic").experiment_id]))
+    out = tmp_path / "never"
+    assert main(["report", *args, "--tracking-uri", study, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("analysis: error: ") and re.search(expected, err[0])
+    assert not out.exists()
+    after = len(MlflowClient(study).search_runs(["0", MlflowClient(study).get_experiment_by_name("synthetic").experiment_id]))
+    assert after == before
+
+
+def test_missing_store_exits_2(tmp_path, capsys):
+    from analysis.cli import main
+
+    assert main(["report", "--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
