@@ -114,7 +114,10 @@ def run_metric_table(rs: RunSet, from_epoch: int, gate_df: pd.DataFrame, churn_d
     rows = []
     for run_id, hist in wide.groupby("run_id", sort=False):
         row = {"run_id": run_id, "variant": rs.runs.at[run_id, "variant"], "seed": rs.runs.at[run_id, "seed"]}
-        row.update(fluctuation.run_metrics(hist[["epoch", *curves]], from_epoch))
+        milestones = rs.params.at[run_id, "milestones"] if "milestones" in rs.params.columns else None
+        # A scheduled lr drop is a step in the trend, not fluctuation.
+        row.update(fluctuation.run_metrics(hist[["epoch", *curves]], from_epoch,
+                                           breaks=fluctuation.parse_breaks(milestones)))
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(churn_df):
