@@ -169,11 +169,12 @@ class TrainConfig:
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  #: channels_last memory format on CUDA (ignored on CPU)
     max_steps_per_epoch: int | None = None  #: cap on training steps per epoch (smoke runs); None: full epoch
+    num_threads: int | None = None  #: CPU intra-op threads (None: torch's default; 1 is faster on a busy machine)
 
     def __post_init__(self) -> None:
         _choice("preset", self.preset, ("auto", *TRAIN_PRESETS))
         _choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "max_steps_per_epoch"):
+        for name in ("epochs", "batch_size", "max_steps_per_epoch", "num_threads"):
             v = getattr(self, name)
             if v is not None:
                 _check(name, v, _is_int(v) and v >= 1, "an integer >= 1")

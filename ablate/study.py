@@ -146,7 +146,7 @@ def make_storage(settings: StudySettings):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat_interval is flagged experimental
-            storage = RDBStorage(engine_url(settings.storage_url), engine_kwargs=engine_kwargs,
+            storage = RDBStorage(track.database_url(settings.storage_url), engine_kwargs=engine_kwargs,
                                  heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
                                  **{callback_arg: LostTrialCallback(settings.tracking_uri)})
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver or an unreachable server
@@ -156,17 +156,6 @@ def make_storage(settings: StudySettings):
     if db is not None:
         _begin_immediate(storage.engine)
     return storage
-
-
-def engine_url(url: str) -> str:
-    """``url`` with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare ``postgresql://`` as
-    psycopg 3, while the ``postgres`` extra installs psycopg2."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
 
 
 def _begin_immediate(engine) -> None:

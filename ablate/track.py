@@ -39,6 +39,15 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def database_url(url: str) -> str:
+    """``url`` with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare ``postgresql://`` as
+    psycopg 3, while the ``postgres`` extra installs psycopg2."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
     if not uri.startswith("sqlite:///"):
@@ -76,7 +85,7 @@ def client(uri: str | None = None):
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=database_url(uri))
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:

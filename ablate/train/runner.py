@@ -121,6 +121,8 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     cfg = cfg.resolved()
     check_available(cfg.data)  # a missing dataset fails before any run exists
     device = pick_device(cfg.train.device)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     bundle = build_datasets(cfg.data)
     if cfg.model.num_classes is None:
         cfg = replace(cfg, model=replace(cfg.model, num_classes=bundle.num_classes))
@@ -292,6 +294,8 @@ class _Trainer:
             self.scheduler.step()
             result = evaluate(self.model, self.val_loader, self.device, amp=self.amp,
                               channels_last=self.channels_last)
+            if not np.isfinite(result.loss):
+                raise NonFiniteLoss(f"validation loss is {result.loss} at epoch {epoch}")
             seconds = time.perf_counter() - start
             gates = self.probe.record(self.device, autocast(self.device, self.amp))
             row = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": result.loss, "val_acc": result.acc,
