@@ -9,6 +9,18 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Every test runs torch on one thread, restored afterwards: tests use tiny tensors, and on a busy 2-core
+    machine two threads thrash (a tiny forward/backward: 1-10 ms on one thread, 0.5-1.2 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mlflow_schema(tmp_path_factory):
     """An empty MLflow SQLite store made once per session: creating the schema takes seconds, copying it none."""

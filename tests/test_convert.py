@@ -10,15 +10,6 @@ from ablate.config import ConfigError, SCConvConfig
 from ablate.nn import CRU, SRU, SCConv, convert, ineligible_reason, iter_gates, set_keep_stats
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread handoffs cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(last_out=16) -> nn.Module:
     """stem (3->16, ineligible for an SRU), a block of two 3x3 convs and a 1x1, a strided 3x3, a 7x7."""
     return nn.Sequential(OrderedDict(

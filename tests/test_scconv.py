@@ -11,15 +11,6 @@ from ablate.nn import SCConv, validate_scconv
 CHANNEL_CASES = [(16, 16), (128, 32)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread handoffs cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_input(channels, h=7, w=9, requires_grad=False):
     x = torch.randn(2, channels, h, w, generator=torch.Generator().manual_seed(0))
     return x.requires_grad_(requires_grad)

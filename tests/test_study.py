@@ -30,7 +30,6 @@ from ablate.study import (
     SURPLUS_ATTR,
     StudySettings,
     _cell_key,
-    engine_url,
     enqueue_missing_cells,
     load_study,
     make_pruner,
@@ -55,12 +54,6 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 def run_cli(*args: str, storage: str, tracking: str) -> int:
     return main(["study", *args, "--storage", storage, "--tracking-uri", tracking, "--quiet"])
 
@@ -72,7 +65,7 @@ def write_space(tmp_path: Path, name: str, study: str, base: str, params: str) -
 
 
 def all_trials(storage: str, name: str):
-    return optuna.load_study(study_name=name, storage=engine_url(storage)).get_trials()
+    return optuna.load_study(study_name=name, storage=track.database_url(storage)).get_trials()
 
 
 def live(trials):

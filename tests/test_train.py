@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from ablate.cli import main
@@ -15,14 +14,6 @@ from ablate.train import run_training
 # Tiny but real: the embedded digits at 16x16, three steps an epoch.
 FAST = {"dataset": "digits", "backbone": "resnet20", "image_size": 16, "batch_size": 32, "max_steps_per_epoch": 3,
         "probe_size": 16, "experiment": "t"}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(**kw) -> RunConfig:
