@@ -519,6 +519,12 @@ def header_lines(data: ReportData) -> list[str]:
         lines.append("Skipped: " + "; ".join(f"{n} run(s) with {r}" for r, n in reasons.items()) + ".")
     if data.from_epoch:
         lines.append(f"Metrics use epochs >= {data.from_epoch}.")
+    need = stats.min_seeds_for(ALPHA)
+    fewest = min(data.runs_per_variant().values(), default=0)
+    if fewest < need:
+        lines.append(f"This report is descriptive: with {fewest} run(s) in the smallest variant no p-value is "
+                     f"supported; a two-sided permutation test needs at least {need} seeds per variant to reach "
+                     f"the {ALPHA} level (e.g. `ablate study --space stability_seeds`).")
     lines.extend(data.notes)
     return lines
 
