@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/analysis report --experiment sru_cru_order --out reports/sru_cru_order
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow or smoke"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
