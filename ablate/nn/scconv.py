@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ablate.config import ORDERS, SCConvConfig
+from ablate.nn import efficient
 from ablate.nn.cru import CRU, check_cru
 from ablate.nn.sru import SRU, check_sru, layer_config_error
 
@@ -63,23 +64,27 @@ class SCConv(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.order = config.order
         self.config = config
+        # impl "efficient" computes the same function with the same submodules and state-dict keys.
+        sru_type, cru_type = (efficient.EfficientSRU, efficient.EfficientCRU) if config.impl == "efficient" else (SRU, CRU)
         # Submodules are registered in the order the forward applies them, so that model order
         # (named_modules, iter_gates) follows the data flow.
         if self.order in CONV_ORDERS:
             if self.order == "sru":
-                self.sru = SRU(in_channels, config)
+                self.sru = sru_type(in_channels, config)
             self.conv = conv if conv is not None else _default_conv(in_channels, out_channels, stride)
             _check_conv(self.conv, in_channels, out_channels, stride)
             return
         # The CRU has no stride; pooling first gives the replaced conv's output size ceil(H / s).
         self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         if self.order == "sru_cru":
-            self.sru = SRU(in_channels, config)
-        self.cru = CRU(in_channels, out_channels, config)
+            self.sru = sru_type(in_channels, config)
+        self.cru = cru_type(in_channels, out_channels, config)
         if self.order in ("cru_sru", "parallel"):
-            self.sru = SRU(out_channels, config)
+            self.sru = sru_type(out_channels, config)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.config.impl == "efficient":
+            return efficient.scconv_forward(self, x)
         if self.order == "none":
             return self.conv(x)
         if self.order == "sru":

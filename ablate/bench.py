@@ -1,0 +1,337 @@
+"""`ablate bench`: training-step time and peak memory of the baseline, reference and efficient SCConv.
+
+Each implementation trains in its own subprocess (a fresh allocator and no shared caches), in
+interleaved rounds A B C A B C so that drift of a shared machine spreads over all three. A step is
+forward, backward and an SGD step on one fixed random batch. Per implementation:
+
+- ``step_seconds``: the median step time over every timed step of every round (after ``warmup``
+  untimed steps in each round).
+- ``peak_memory_mb``: the largest, over its rounds, of the peak during the timed steps: on CUDA
+  the caching allocator's peak allocated memory; on the CPU the process's peak resident set
+  (VmHWM, reset after the warm-up through /proc/self/clear_refs). Nothing is subtracted: the
+  Python and torch runtime, the model, its gradients and the optimizer state are in every figure.
+- ``time_ratio`` and ``memory_ratio``: against the baseline (order ``none``) of the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+from ablate.config import ConfigError, _check, _choice, _is_int
+
+#: Implementation name -> (scconv.order, scconv.impl).
+IMPLS = {
+    "baseline": ("none", "reference"),
+    "reference": ("sru_cru", "reference"),
+    "efficient": ("sru_cru", "efficient"),
+}
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("table", "json")
+
+
+class BenchError(RuntimeError):
+    """A measuring subprocess failed (out of memory, a crash); the message is one line."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how."""
+
+    backbone: str = "resnet50"  #: registered backbone
+    batch_size: int = 16  #: images per step
+    image_size: int = 112  #: input side in pixels
+    device: str = "auto"  #: auto (CUDA when available), cpu or cuda
+    steps: int = 10  #: timed steps per round
+    warmup: int = 3  #: untimed steps before them, per round
+    repeats: int = 2  #: interleaved rounds
+    amp: bool = False  #: bf16 autocast (CUDA only)
+    compile: bool = False  #: torch.compile the model (CUDA only)
+    channels_last: bool = True  #: channels_last model and input on CUDA, as training does (ignored on CPU)
+    threads: int | None = None  #: CPU threads per subprocess (None: torch's default)
+    impls: tuple[str, ...] = tuple(IMPLS)  #: implementations to run; the baseline is always first
+    num_classes: int = 1000  #: classifier outputs
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "repeats", "num_classes"):
+            value = getattr(self, name)
+            _check(name, value, _is_int(value) and value >= 1, "an integer >= 1")
+        _check("warmup", self.warmup, _is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
+        _check("image_size", self.image_size, _is_int(self.image_size) and self.image_size >= 32, "an integer >= 32")
+        if self.threads is not None:
+            _check("threads", self.threads, _is_int(self.threads) and self.threads >= 1, "an integer >= 1")
+        _choice("device", self.device, DEVICES)
+        for impl in self.impls:
+            _choice("impls", impl, tuple(IMPLS))
+        _check("impls", ",".join(self.impls), "baseline" in self.impls and len(set(self.impls)) == len(self.impls),
+               "distinct names including baseline (the ratios are against it), e.g. baseline,efficient")
+
+    def resolved(self) -> "BenchConfig":
+        """Device resolved, CUDA-only options checked, the baseline first; raises ConfigError."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' is not valid: no CUDA device is available here; accepted: cpu")
+        for name in ("amp", "compile"):
+            if getattr(self, name) and device != "cuda":
+                raise ConfigError(f"{name}=True is not valid with device='cpu'; accepted: {name} on cuda only")
+        impls = ("baseline", *(i for i in self.impls if i != "baseline"))
+        return replace(self, device=device, impls=impls, channels_last=self.channels_last and device == "cuda")
+
+
+# -- the parent: interleaved subprocesses ----------------------------------------------------------
+
+
+def run_bench(cfg: BenchConfig) -> list[dict]:
+    """Measure every implementation in ``cfg.impls`` in interleaved rounds; one row per implementation."""
+    cfg = cfg.resolved()
+    from ablate.models import list_models
+
+    _choice("backbone", cfg.backbone, tuple(list_models()))
+    rounds: dict[str, list[dict]] = {impl: [] for impl in cfg.impls}
+    for _ in range(cfg.repeats):
+        for impl in cfg.impls:
+            rounds[impl].append(_run_worker(cfg, impl))
+    return summarise(cfg, rounds)
+
+
+def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
+    """Rows from each implementation's rounds (``step_times`` and ``peak_memory_mb`` per round)."""
+    rows = []
+    for impl, results in rounds.items():
+        rows.append({
+            "impl": impl,
+            "backbone": cfg.backbone,
+            "batch_size": cfg.batch_size,
+            "image_size": cfg.image_size,
+            "device": cfg.device,
+            "step_seconds": statistics.median(t for r in results for t in r["step_times"]),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+            "amp": cfg.amp,
+            "compile": cfg.compile,
+            "channels_last": cfg.channels_last,
+            "threads": results[0]["threads"],
+            "steps": cfg.steps,
+            "repeats": cfg.repeats,
+        })
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_seconds"] / base["step_seconds"]
+        row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+    return rows
+
+
+def _run_worker(cfg: BenchConfig, impl: str) -> dict:
+    """One round of one implementation in a fresh interpreter; its result is the last line it prints."""
+    import ablate
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ablate.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    spec = json.dumps({"config": asdict(cfg), "impl": impl})
+    proc = subprocess.run([sys.executable, "-m", "ablate.bench", "--worker", spec], env=env,
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"bench: the {impl} run of {cfg.backbone} failed (exit {proc.returncode}): {last}")
+    return json.loads(lines[-1])
+
+
+# -- the worker: one implementation, one round -----------------------------------------------------
+
+
+def measure(cfg: BenchConfig, impl: str) -> dict:
+    """Build the model for ``impl``, warm up, then time ``cfg.steps`` train steps and take their peak memory."""
+    import torch
+
+    from ablate.config import ModelConfig, SCConvConfig
+    from ablate.models import build_model
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    order, impl_name = IMPLS[impl]
+    model_cfg = ModelConfig(backbone=cfg.backbone, num_classes=cfg.num_classes,
+                            scconv=SCConvConfig(order=order, impl=impl_name))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(model_cfg, seed=0).to(device, memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step_model = torch.compile(model) if cfg.compile else model
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
+    x = x.to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):  # amp: CUDA only
+            loss = torch.nn.functional.cross_entropy(step_model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(cfg.warmup):
+        step()
+    memory = _PeakMemory(device)
+    times = []
+    for _ in range(cfg.steps):
+        memory.sync()
+        start = time.perf_counter()
+        step()
+        memory.sync()
+        times.append(time.perf_counter() - start)
+    return {"step_times": times, "peak_memory_mb": memory.peak_mb(), "threads": torch.get_num_threads()}
+
+
+class _PeakMemory:
+    """Peak memory from construction on: the CUDA allocator's, or the CPU process's resident set."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _reset_peak_rss()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _peak_rss_mb()
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident set (Linux); elsewhere the peak covers the whole process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+_COLUMNS = [
+    ("impl", "impl", str), ("backbone", "backbone", str), ("batch", "batch_size", str),
+    ("image", "image_size", str), ("device", "device", str), ("amp", "amp", lambda v: "bf16" if v else "-"),
+    ("compile", "compile", lambda v: "yes" if v else "-"), ("threads", "threads", str),
+    ("step s", "step_seconds", lambda v: f"{v:.4f}"),
+    ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
+    ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    """An aligned text table of bench rows (from one or several invocations)."""
+    headers = [h for h, _, _ in _COLUMNS]
+    body = [[fmt(row[key]) for _, key, fmt in _COLUMNS] for row in rows]
+    widths = [max(len(cells[i]) for cells in [headers, *body]) for i in range(len(headers))]
+    numeric = set(range(8, len(headers)))
+    lines = [
+        "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        for cells in [headers, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    """Add the ``bench`` command to the ``ablate`` parser."""
+    from ablate.cli import _choices_type
+
+    p = sub.add_parser(
+        "bench", help="train-step time and peak memory: baseline vs reference vs efficient SCConv",
+        description="Time training steps (forward, backward, SGD) of the baseline (order none) and of SCConv "
+                    "(order sru_cru) in its reference and efficient implementations, each in its own "
+                    "subprocess, in interleaved rounds. Step time: median over timed steps; peak memory: the "
+                    "CUDA allocator's peak, or on CPU the peak resident set during the timed steps (max over "
+                    "rounds); ratios against the baseline.")
+    p.add_argument("--backbone", required=True, help="resnet20, resnet56, resnet50, densenet121")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
+    p.add_argument("--device", type=_choices_type("device", DEVICES), default="auto",
+                   help="auto (default: CUDA when available), cpu or cuda")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="on CUDA keep NCHW (default: channels_last, as training does)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    p.add_argument("--impls", type=_impls_type, default=tuple(IMPLS),
+                   help="comma list of baseline, reference, efficient (default: all three)")
+    p.add_argument("--format", type=_choices_type("format", FORMATS), default="table", help="table or json")
+    p.set_defaults(func=cmd_bench)
+
+
+def _impls_type(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in IMPLS]
+    if bad or "baseline" not in names:
+        raise argparse.ArgumentTypeError(
+            f"impls={value!r} is not valid; accepted: a comma list of {', '.join(IMPLS)} including baseline")
+    return names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its rows; 1 when a measuring run failed."""
+    cfg = BenchConfig(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
+                      device=args.device, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                      amp=args.amp, compile=args.compile, channels_last=args.channels_last,
+                      threads=args.threads, impls=args.impls)
+    try:
+        rows = run_bench(cfg)
+    except BenchError as e:
+        print(f"ablate: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=2) if args.format == "json" else format_table(rows))
+    return 0
+
+
+def _worker_main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    fields = dict(spec["config"], impls=tuple(spec["config"]["impls"]))
+    print(json.dumps(measure(BenchConfig(**fields), spec["impl"])))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[1:]))
+    sys.exit("usage: python -m ablate.bench --worker SPEC (internal; use `ablate bench`)")

@@ -1,0 +1,111 @@
+"""Efficient CRU: the attention fuse as one autograd Function, and Y2 never concatenated.
+
+Same parameters, outputs, gradients and probes as ``ablate.nn.cru.CRU`` (the readable definition).
+``Y = a * Y1 + b * Y2`` is written in two passes; its backward needs only Y1, the pieces of Y2 and
+the (N, C_out) weights, with the softmax backward in closed form. ``Y2 = cat(PWC2(Xlow), Xlow)`` is
+kept as its two pieces, each weighed where it lies in the output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ablate.nn.cru import CRU
+from ablate.nn.efficient_sru import Probe
+
+
+class FuseFunction(torch.autograd.Function):
+    """Y = a * Y1 + b * Y2, (a, b) the attention weights of GAP(Y1) and GAP(Y2); Y2 given as channel pieces.
+    ``probe``, when given, receives the weights as ``CRU`` keeps them."""
+
+    @staticmethod
+    def forward(ctx, mode, probe, y1, *y2_pieces):
+        s1 = y1.mean(dim=(2, 3))
+        s2 = torch.cat([p.mean(dim=(2, 3)) for p in y2_pieces], dim=1)
+        a, b = _attention(mode, s1, s2)
+        n, c = a.shape
+        out = y1 * a.view(n, c, 1, 1)
+        for piece, out_piece, b_piece in _pieces(out, b, y2_pieces):
+            out_piece.addcmul_(piece, b_piece.reshape(n, -1, 1, 1))
+        if probe is not None:
+            probe.last_beta = a if mode == "pairwise" else torch.cat([a, b], dim=1)
+        ctx.save_for_backward(y1, a, b, *y2_pieces)
+        ctx.mode = mode
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y1, a, b, *y2_pieces = ctx.saved_tensors
+        split = _pieces(g, b, y2_pieces)
+        da = _channel_dot(g, y1)
+        db = torch.cat([_channel_dot(g_piece, piece) for piece, g_piece, _ in split], dim=1)
+        ds1, ds2 = _attention_backward(ctx.mode, a, b, da, db)
+        # GAP's backward spreads ds / (H * W) over every position.
+        area = y1.shape[2] * y1.shape[3]
+        grads = [_input_grad(g, a, ds1 / area, y1)]
+        start = 0
+        for piece, g_piece, b_piece in split:
+            stop = start + piece.shape[1]
+            grads.append(_input_grad(g_piece, b_piece, ds2[:, start:stop] / area, piece))
+            start = stop
+        return (None, None, *grads)
+
+
+def _attention(mode: str, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """Fuse weights (a, b), each (N, C_out), by the same operations as ``CRU.attention``."""
+    if mode == "pairwise":
+        beta = torch.softmax(torch.stack([s1, s2]), dim=0)
+        return beta[0], beta[1]
+    weights = torch.softmax(torch.cat([s1, s2], dim=1), dim=1)
+    return weights[:, : s1.shape[1]], weights[:, s1.shape[1] :]
+
+
+def _attention_backward(mode: str, a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax backward, ds = w * (dw - sum(w * dw)) over the softmax's axis."""
+    if mode == "pairwise":
+        inner = a * da + b * db
+        return a * (da - inner), b * (db - inner)
+    w, dw = torch.cat([a, b], dim=1), torch.cat([da, db], dim=1)
+    ds = w * (dw - (w * dw).sum(dim=1, keepdim=True))
+    return ds[:, : a.shape[1]], ds[:, a.shape[1] :]
+
+
+def _channel_dot(g: Tensor, y: Tensor) -> Tensor:
+    """Sum over H, W of g * y, per (sample, channel)."""
+    return (g * y).sum(dim=(2, 3))
+
+
+def _input_grad(g: Tensor, weight: Tensor, pooled: Tensor, like: Tensor) -> Tensor:
+    """g * weight + pooled, both (N, C) broadcast over H, W; laid out and typed like the input ``like``."""
+    n, c = weight.shape
+    return torch.addcmul(pooled.view(n, c, 1, 1), g, weight.reshape(n, c, 1, 1)).to(like.dtype)
+
+
+def _pieces(t: Tensor, weights: Tensor, pieces) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(piece, the channel slice of ``t`` it sits in, its slice of ``weights``) for each piece of Y2."""
+    out, start = [], 0
+    for piece in pieces:
+        stop = start + piece.shape[1]
+        out.append((piece, t[:, start:stop], weights[:, start:stop]))
+        start = stop
+    return out
+
+
+class EfficientCRU(CRU):
+    """The CRU with ``FuseFunction``; same parameters, outputs, gradients and probes as ``CRU``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_split(*torch.split(x, [self.up, self.low], dim=1))
+
+    def forward_split(self, x_up: Tensor, x_low: Tensor) -> Tensor:
+        """The CRU of its upper and lower inputs given as separate tensors."""
+        x_up, x_low = self.squeeze1(x_up), self.squeeze2(x_low)
+        # In place: a conv's backward does not need its output.
+        y1 = self.gwc(x_up).add_(self.pwc1(x_up))
+        pieces = (x_low[:, : self.out_channels],) if self.pwc2 is None else (self.pwc2(x_low), x_low)
+        probe = Probe() if self.keep_stats else None
+        out = FuseFunction.apply(self.attention_mode, probe, y1, *pieces)
+        if probe is not None:
+            self.last_beta = probe.last_beta.detach()
+        return out

@@ -1,0 +1,219 @@
+"""Efficient SRU: one autograd Function that keeps only its input for the backward pass.
+
+Same parameters, outputs, gradients and probes as ``ablate.nn.sru.SRU`` (the readable definition).
+GroupNorm and the channel weights fold into one kernel, ``z = GroupNorm(x) * w`` (weight
+``gamma * w``, bias ``beta * w``); the gate maps are built in place from ``z`` with exact 0/1
+arithmetic and the cross reconstruction writes the output halves directly. Backward recomputes
+``z`` from ``x`` (which the ReLU before an SRU keeps anyway) and applies the GroupNorm backward in
+closed form. The reference keeps about eight full-size tensors per SRU for its backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ablate.nn.sru import SRU
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last when ``t`` (or the tensor it is a channel slice of) is laid out so, else contiguous."""
+    return torch.channels_last if t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 else torch.contiguous_format
+
+
+def halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The two channel halves of ``t`` (views)."""
+    return torch.chunk(t, 2, dim=1)
+
+
+def normalised(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, rstd) with z = GroupNorm(x) * w as a new float32-or-wider tensor; mean, rstd per (N, G)."""
+    # Like the reference's GroupNorm under autocast: statistics and z in float32.
+    x = x.float() if x.dtype in _LOW_PRECISION else x
+    n, c, h, w = x.shape
+    # PyTorch's own kernel (one pass for the statistics, one for z) takes any layout on the CPU, NCHW elsewhere.
+    if x.device.type == "cpu" or x.is_contiguous():
+        x = x.contiguous(memory_format=memory_format(x))
+        return torch.ops.aten.native_group_norm(x, gamma_w, beta_w, n, c, h * w, groups, eps)
+    return normalised_any_layout(x, gamma_w, beta_w, groups, eps)
+
+
+def normalised_any_layout(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: float):
+    """``normalised`` without a layout copy of x (channels_last on CUDA): per-channel moments combined by
+    the parallel-variance rule, then z = x * a + b."""
+    n = x.shape[0]
+    var_c, mean_c = torch.var_mean(x, dim=(2, 3), correction=0)
+    mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
+    mean = mean_c.mean(-1)
+    var = var_c.mean(-1) + (mean_c - mean[:, :, None]).square().mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    a, b = coefficients(mean, rstd, gamma_w, beta_w)
+    return torch.addcmul(b, x, a), mean, rstd
+
+
+def coefficients(mean: Tensor, rstd: Tensor, gamma_w: Tensor, beta_w: Tensor) -> tuple[Tensor, Tensor]:
+    """a, b of shape (N, C, 1, 1) with GroupNorm(x) * w = x * a + b."""
+    n, c = mean.shape[0], gamma_w.shape[0]
+    a = per_channel(rstd, c) * gamma_w
+    b = beta_w - per_channel(mean, c) * a
+    return a.view(n, c, 1, 1), b.view(n, c, 1, 1)
+
+
+def per_channel(t: Tensor, channels: int) -> Tensor:
+    """(N, G) per-group values repeated to (N, C)."""
+    n, groups = t.shape
+    return t[:, :, None].expand(n, groups, channels // groups).reshape(n, channels)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _logit(t: float) -> float:
+    return math.log(t) - math.log1p(-t)
+
+
+def _step(t: Tensor, level: float, out: Tensor | None = None) -> Tensor:
+    """1.0 where t > level, else 0.0, in t's dtype (float masks: bool masks are slow on the CPU)."""
+    return torch.gt(t, level, out=torch.empty_like(t) if out is None else out)
+
+
+class SRUFunction(torch.autograd.Function):
+    """SRU of ``x`` given ``gamma * w`` and ``beta * w``, returned as its two channel halves (X11 + X22,
+    X12 + X21). ``probe``, when given, receives R and the mask."""
+
+    @staticmethod
+    def forward(ctx, x, gamma_w, beta_w, groups, eps, gate_mode, threshold, probe):
+        z, _, _ = normalised(x, gamma_w, beta_w, groups, eps)
+        if probe is not None:
+            r = torch.sigmoid(z)
+            probe.last_r, probe.last_mask = r, r > threshold
+        xz = _as(x, z.dtype)  # the reference's W1 * x is float32 under autocast too
+        ctx.save_for_backward(x, gamma_w, beta_w)
+        ctx.gate = (groups, eps, gate_mode, threshold)
+        return _reconstruct(xz, *_weighted(xz, z, gate_mode, threshold))
+
+    @staticmethod
+    def backward(ctx, g_a, g_b):
+        x, gamma_w, beta_w = ctx.saved_tensors
+        groups, eps, gate_mode, threshold = ctx.gate
+        z, mean, rstd = normalised(x, gamma_w, beta_w, groups, eps)
+        xz = _as(x, z.dtype)
+        dx, dz = _gate_backward(xz, z, g_a, g_b, gate_mode, threshold)
+        d_gamma_w = d_beta_w = None
+        if dz is not None:  # the binary gate passes nothing to the GroupNorm
+            d_gamma_w, d_beta_w = _group_norm_backward(xz, dz, dx, mean, rstd, gamma_w, groups)
+        return _as(dx, x.dtype), d_gamma_w, d_beta_w, None, None, None, None, None
+
+
+def _weighted(x: Tensor, z: Tensor, gate_mode: str, threshold: float) -> tuple[Tensor, Tensor | None]:
+    """(W1 * x, W2 * x) from z, where R = sigmoid(z); z's buffer is reused. None stands for x - W1 * x."""
+    if gate_mode in ("binary", "ste"):
+        # R > t exactly when z > logit(t), so the hard gates' forward needs no sigmoid.
+        return _step(z, _logit(threshold), out=z).mul_(x), None
+    r = z.sigmoid_()
+    if gate_mode == "soft":
+        return r.mul_(x), None
+    # reference: W1 = where(R > t, 1, R) = max(R, H) and W2 = where(R > t, 0, R) = R - R * H, H = 1[R > t].
+    h = _step(r, threshold)
+    v = torch.maximum(r, h).mul_(x)
+    rx = r.mul_(x)
+    return v, rx.addcmul_(rx, h, value=-1)
+
+
+def _reconstruct(x: Tensor, v: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(X11 + X22, X12 + X21) with X1 = v and X2 = w (None: x - v, never materialised)."""
+    (x_a, x_b), (v_a, v_b) = halves(x), halves(v)
+    if w is None:
+        # x - v is exact for a 0/1 gate, so each half is the same single sum as the reference's.
+        return torch.sub(x_b, v_b).add_(v_a), torch.sub(x_a, v_a).add_(v_b)
+    w_a, w_b = halves(w)
+    return v_a + w_b, v_b + w_a
+
+
+def _gate_backward(x, z, g_a, g_b, gate_mode, threshold):
+    """(dL/dx through the gate's weights, dL/dz or None) from the output halves' gradients; z's buffer is reused.
+
+    The output is W1 * x + swap(W2 * x), swap exchanging the channel halves, so
+    dL/dx = W1 * g + W2 * swap(g) and dL/dR = x * (W1' * g + W2' * swap(g)).
+    """
+    (x_a, x_b), pairs = halves(x), ((g_a, g_b), (g_b, g_a))  # (g, swap(g)) per half
+    if gate_mode in ("binary", "ste"):
+        h = _step(z, _logit(threshold), out=z if gate_mode == "binary" else None)
+        # W1 * g + (1 - W1) * swap(g), as two exact products.
+        dx = torch.cat([torch.addcmul(gs, h_h, gs, value=-1).addcmul_(h_h, g)
+                        for (g, gs), h_h in zip(pairs, halves(h))], dim=1)
+        if gate_mode == "binary":
+            return dx, None
+    r = z.sigmoid_()
+    if gate_mode == "reference":
+        # W1' = W2' = 1 - H, so dL/dR = x * (1 - H) * (g + swap(g)), and g + swap(g) is the same for both halves.
+        h = _step(r, threshold)
+        w1, w2 = torch.maximum(r, h), torch.addcmul(r, r, h, value=-1)
+        dx = torch.cat([(w1_h * g).addcmul_(w2_h, gs)
+                        for (g, gs), w1_h, w2_h in zip(pairs, halves(w1), halves(w2))], dim=1)
+        p = g_a + g_b
+        dr = torch.cat([x_a * p, x_b * p], dim=1)
+        dr.addcmul_(dr, h, value=-1)
+    else:
+        # soft and ste: W1' = 1, W2' = -1, so dL/dR = x * (g - swap(g)), whose halves are d and -d.
+        d = g_a - g_b
+        if gate_mode == "soft":  # W1 = R, W2 = 1 - R: dx = swap(g) + R * (g - swap(g))
+            r_a, r_b = halves(r)
+            dx = torch.cat([torch.addcmul(g_b, r_a, d), torch.addcmul(g_a, r_b, d, value=-1)], dim=1)
+        dr = torch.cat([x_a * d, x_b * d.neg_()], dim=1)
+    return dx, torch.ops.aten.sigmoid_backward.grad_input(dr, r, grad_input=dr)
+
+
+def _group_norm_backward(x, dz, dx, mean, rstd, gamma_w, groups):
+    """Add to ``dx`` the gradient of z = GroupNorm(x) * w reaching x; return d(gamma * w) and d(beta * w).
+
+    The GroupNorm backward in closed form over per-(sample, channel) sums, as PyTorch's own kernel
+    computes it; ``mean`` and ``rstd`` are per (sample, group). ``dz`` is overwritten.
+    """
+    n, c = x.shape[:2]
+    mean, rstd = per_channel(mean, c), per_channel(rstd, c)
+    s1 = dz.sum(dim=(2, 3))  # sum of dz
+    dx.addcmul_(dz, (rstd * gamma_w).view(n, c, 1, 1))  # dz/dx at fixed statistics
+    s2 = dz.mul_(x).sum(dim=(2, 3))  # sum of dz * x
+    xhat_dz = (s2 - mean * s1) * rstd  # sum of dz * xhat
+    count = (c // groups) * x.shape[2] * x.shape[3]
+    m1 = per_channel((gamma_w * s1).view(n, groups, -1).sum(-1) / count, c)
+    m2 = per_channel((gamma_w * xhat_dz).view(n, groups, -1).sum(-1) / count, c)
+    # The statistics' share, -rstd * (m1 + xhat * m2), as x * c1 + c2.
+    c1 = -rstd * rstd * m2
+    c2 = rstd * (rstd * m2 * mean - m1)
+    dx.addcmul_(x, c1.view(n, c, 1, 1)).add_(c2.view(n, c, 1, 1))
+    return xhat_dz.sum(0), s1.sum(0)
+
+
+class EfficientSRU(SRU):
+    """The SRU computed by ``SRUFunction``; same parameters, outputs, gradients and probes as ``SRU``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat(self.forward_halves(x), dim=1)
+
+    def forward_halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The output's channel halves, X11 + X22 and X12 + X21, as separate tensors."""
+        # The binary gate has no gradient path to gamma and beta: keep them out of the graph (grads stay None).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.gate_mode != "binary"):
+            w = self.channel_weights()
+            gamma_w, beta_w = self.gn.weight * w, self.gn.bias * w
+        probe = Probe() if self.keep_stats else None
+        out = SRUFunction.apply(x, gamma_w, beta_w, self.gn.num_groups, self.gn.eps, self.gate_mode,
+                                self.threshold, probe)
+        if probe is not None:
+            self.last_r, self.last_mask = probe.last_r.detach(), probe.last_mask
+        return out
+
+
+class Probe:
+    """Receives what a gate probe keeps (R and mask, or fuse weights) from inside an autograd Function."""
+
+    last_r: Tensor | None = None
+    last_mask: Tensor | None = None
+    last_beta: Tensor | None = None

@@ -1,0 +1,92 @@
+"""`ablate bench`: a tiny real run (rows, keys, ratios), the summary arithmetic, the table and the errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ablate.bench import BenchConfig, BenchError, _run_worker, format_table, summarise
+from ablate.cli import main
+from ablate.config import ConfigError
+
+ROW_KEYS = {"impl", "backbone", "batch_size", "image_size", "device", "step_seconds", "peak_memory_mb",
+            "time_ratio", "memory_ratio"}
+
+
+@pytest.fixture(scope="module")
+def bench_rows():
+    """One round of 2 timed steps of resnet20 at batch 2, 32x32, through the real command line."""
+    cmd = [sys.executable, "-m", "ablate.cli", "bench", "--backbone", "resnet20", "--batch-size", "2",
+           "--image-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+           "--threads", "1", "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_rows_cover_every_impl_with_baseline_first(bench_rows):
+    assert [row["impl"] for row in bench_rows] == ["baseline", "reference", "efficient"]
+    for row in bench_rows:
+        assert ROW_KEYS <= row.keys()
+        assert (row["backbone"], row["batch_size"], row["image_size"], row["device"]) == ("resnet20", 2, 32, "cpu")
+        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0
+        assert (row["steps"], row["repeats"], row["threads"]) == (2, 1, 1)
+
+
+def test_ratios_are_against_the_baseline(bench_rows):
+    base = bench_rows[0]
+    assert base["time_ratio"] == 1.0 and base["memory_ratio"] == 1.0
+    for row in bench_rows:
+        assert row["time_ratio"] == pytest.approx(row["step_seconds"] / base["step_seconds"])
+        assert row["memory_ratio"] == pytest.approx(row["peak_memory_mb"] / base["peak_memory_mb"])
+
+
+def test_summary_pools_step_times_and_takes_the_largest_peak():
+    cfg = BenchConfig(backbone="resnet20", device="cpu", impls=("baseline", "efficient")).resolved()
+    rounds = {
+        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "threads": 2},
+                     {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "threads": 2}],
+        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "threads": 2},
+                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "threads": 2}],
+    }
+    base, eff = summarise(cfg, rounds)
+    assert (base["step_seconds"], base["peak_memory_mb"]) == (2.5, 120.0)  # median of 1, 2, 3, 9
+    assert (eff["step_seconds"], eff["peak_memory_mb"]) == (1.0, 90.0)
+    assert eff["time_ratio"] == pytest.approx(0.4) and eff["memory_ratio"] == pytest.approx(0.75)
+
+
+def test_table_has_one_line_per_row(bench_rows):
+    lines = format_table(bench_rows).splitlines()
+    assert lines[0].split()[:2] == ["impl", "backbone"] and "memory" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["baseline", "reference", "efficient"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--device", "gpu"], "device='gpu'"),
+    (["--impls", "efficient"], "impls='efficient'"),
+    (["--format", "csv"], "format='csv'"),
+    (["--steps", "0"], "steps=0"),
+    (["--image-size", "16"], "image_size=16"),
+    (["--amp", "--device", "cpu"], "amp=True"),
+])
+def test_bad_values_fail_in_one_line_with_status_2(argv, named, capsys):
+    assert main(["bench", "--backbone", "resnet20", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+
+
+def test_unknown_backbone_fails_before_any_run(capsys):
+    assert main(["bench", "--backbone", "resnet21", "--device", "cpu"]) == 2
+    assert "did you mean 'resnet20'" in capsys.readouterr().err
+
+
+def test_a_failing_run_is_one_line_error():
+    # Bypasses the parent's checks, so the worker itself fails.
+    with pytest.raises(BenchError, match=r"the baseline run of nonet failed \(exit 1\): .*backbone='nonet'"):
+        _run_worker(BenchConfig(backbone="nonet", device="cpu"), "baseline")
+
+
+def test_config_rejects_impls_without_baseline():
+    with pytest.raises(ConfigError, match="impls='reference,efficient'"):
+        BenchConfig(impls=("reference", "efficient"))

@@ -1,0 +1,245 @@
+"""Efficient SCConv: the reference's outputs, gradients, probes and state dict, with far less kept for backward."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvConfig
+from ablate.nn import CRU, SRU, SCConv, convert, iter_gates, set_keep_stats
+from ablate.nn.efficient import RECOMPUTE_MIN_BYTES, EfficientCRU, EfficientSRU
+from ablate.nn.efficient_sru import normalised, normalised_any_layout
+
+# In == out with a PWC2, and in != out where the squeezed lower path fills the output (no PWC2).
+CHANNEL_CASES = [(16, 16), (16, 4)]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread handoffs cost ~100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pair(in_channels, out_channels, stride=1, **fields):
+    """(reference, efficient) SCConv with the same weights; gamma has mixed signs so that every gate mode matters."""
+    config = SCConvConfig(**fields)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = SCConv(in_channels, out_channels, stride, config)
+        for module in reference.modules():
+            if isinstance(module, SRU):
+                with torch.no_grad():
+                    module.gn.weight.uniform_(-0.5, 1.5)
+                    module.gn.bias.normal_()
+    efficient = SCConv(in_channels, out_channels, stride, replace(config, impl="efficient"))
+    efficient.load_state_dict(reference.state_dict())
+    return reference, efficient
+
+
+def run(model, x, call=None):
+    """Output, input gradient and parameter gradients of one forward (``call``, default the model) and backward,
+    with a random upstream gradient."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = (model if call is None else call)(x)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+    y.backward(upstream)
+    return y, x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_function(reference, efficient, x, call=None):
+    """Outputs and input gradients within 1e-5 relative; parameter gradients (sums over many terms) within
+    1e-5 relative plus 1e-6 of their largest entry; None gradients exactly where the reference has them."""
+    y_ref, dx_ref, grads_ref = run(reference, x)
+    y_eff, dx_eff, grads_eff = run(efficient, x, call)
+    torch.testing.assert_close(y_eff, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_eff, dx_ref, rtol=1e-5, atol=1e-6)
+    assert grads_eff.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        assert (grads_eff[name] is None) == (ref is None), name
+        if ref is not None:
+            atol = 1e-6 * float(ref.abs().max())
+            torch.testing.assert_close(grads_eff[name], ref, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def random_input(channels, n=2, h=7, w=9, seed=1):
+    return torch.randn(n, channels, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("channels", CHANNEL_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("gamma_norm", GAMMA_NORMS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_same_function_as_reference(order, gate_mode, attention, gamma_norm, stride, channels):
+    in_channels, out_channels = channels
+    if order == "parallel" and in_channels != out_channels:
+        pytest.skip("parallel needs in_channels == out_channels")
+    reference, efficient = pair(in_channels, out_channels, stride, order=order, gate_mode=gate_mode,
+                                attention=attention, gamma_norm=gamma_norm)
+    assert_same_function(reference, efficient, random_input(in_channels))
+
+
+def large_input(channels=16, seed=1):
+    """An input of RECOMPUTE_MIN_BYTES: large enough for the efficient SCConv to recompute its body."""
+    side = int((RECOMPUTE_MIN_BYTES / (4 * 4 * channels)) ** 0.5)
+    x = torch.randn(4, channels, side, side, generator=torch.Generator().manual_seed(seed))
+    assert x.numel() * x.element_size() >= RECOMPUTE_MIN_BYTES
+    return x
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("order", [o for o in ORDERS if o not in ("none", "sru")])
+def test_same_function_when_recomputing(order, gate_mode, stride):
+    attention = "pairwise" if gate_mode in ("binary", "soft") else "global"
+    reference, efficient = pair(16, 16, stride, order=order, gate_mode=gate_mode, attention=attention)
+    assert_same_function(reference, efficient, large_input())
+
+
+def test_parameter_gradients_when_recomputing_without_input_gradient():
+    reference, efficient = pair(16, 16, 1, gate_mode="soft")
+    x = large_input()
+    for model in (reference, efficient):
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+    for (name, ref), eff in zip(reference.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(eff.grad, ref.grad, rtol=1e-5, atol=1e-6 * float(ref.grad.abs().max()))
+
+
+def test_same_function_when_alpha_splits_unevenly():
+    reference, efficient = pair(16, 16, 1, alpha=0.75, gate_mode="reference")
+    assert_same_function(reference, efficient, random_input(16))
+
+
+def test_same_function_on_channels_last_input():
+    reference, efficient = pair(16, 16, 1, gate_mode="soft", attention="global")
+    assert_same_function(reference, efficient, random_input(16).contiguous(memory_format=torch.channels_last))
+
+
+def test_same_function_in_float64_to_rounding():
+    # In float64 the only differences left are the order of floating-point sums.
+    reference, efficient = pair(16, 16, 2, gate_mode="ste", attention="global", gamma_norm="abs")
+    reference.double(), efficient.double()
+    x = large_input().double()
+    y_ref, dx_ref, grads_ref = run(reference, x)
+    y_eff, dx_eff, grads_eff = run(efficient, x)
+    torch.testing.assert_close(y_eff, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_eff, dx_ref, rtol=1e-12, atol=1e-12)
+    for name, ref in grads_ref.items():
+        torch.testing.assert_close(grads_eff[name], ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_groupnorm_without_layout_copy_matches_pytorch_kernel(memory_format):
+    # The path CUDA takes for channels_last inputs, checked on the CPU against PyTorch's GroupNorm kernel.
+    x = (random_input(16, n=3) * 3 + 1).contiguous(memory_format=memory_format)
+    gamma_w, beta_w = torch.linspace(-1, 2, 16), torch.linspace(0.5, -0.5, 16)
+    for got, want in zip(normalised_any_layout(x, gamma_w, beta_w, 4, 1e-5), normalised(x, gamma_w, beta_w, 4, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    z = normalised(x, gamma_w, beta_w, 4, 1e-5)[0]
+    torch.testing.assert_close(z, torch.nn.functional.group_norm(x, 4, gamma_w, beta_w), rtol=1e-5, atol=1e-5)
+
+
+def test_binary_gate_leaves_groupnorm_gradients_none():
+    _, efficient = pair(16, 16, 1, gate_mode="binary")
+    for x in (random_input(16), large_input()):
+        _, dx, grads = run(efficient, x)
+        assert grads["sru.gn.weight"] is None and grads["sru.gn.bias"] is None
+        assert dx.abs().sum() > 0 and grads["cru.gwc.weight"] is not None
+
+
+def test_close_to_reference_under_bf16_autocast():
+    reference, efficient = pair(16, 16, 1, gate_mode="reference", attention="global")
+    for x in (random_input(16), large_input()):
+        outs = []
+        for model in (reference, efficient):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(run(model, x))
+        (y_ref, dx_ref, _), (y_eff, dx_eff, _) = outs
+        assert y_eff.dtype == y_ref.dtype and dx_eff.dtype == dx_ref.dtype
+        # bf16 has 8 significant bits: a couple of its steps at the largest magnitude.
+        y_eff, y_ref = y_eff.detach().float(), y_ref.detach().float()
+        torch.testing.assert_close(y_eff, y_ref, rtol=0, atol=2e-2 * float(y_ref.abs().max()))
+        torch.testing.assert_close(dx_eff, dx_ref, rtol=0, atol=2e-2 * float(dx_ref.abs().max()))
+
+
+def saved_activation_bytes(model, x) -> int:
+    """Bytes of distinct non-parameter storages that autograd keeps for backward after one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(kept.values())
+
+
+def test_keeps_only_its_input_when_recomputing():
+    reference, efficient = pair(16, 16, 2)
+    x = large_input().requires_grad_(True)
+    conv_only = SCConv(16, 16, 2, SCConvConfig(order="none"))
+    # The replaced conv keeps its input; the efficient SCConv keeps nothing else, the reference several times it.
+    assert saved_activation_bytes(conv_only, x) == saved_activation_bytes(efficient, x) == x.numel() * 4
+    assert saved_activation_bytes(reference, x) > 3 * x.numel() * 4
+
+
+def test_keeps_less_than_reference_on_small_inputs():
+    reference, efficient = pair(128, 32, 1)
+    x = random_input(128, n=4, h=8, w=8).requires_grad_(True)
+    assert saved_activation_bytes(efficient, x) < saved_activation_bytes(reference, x) / 2
+
+
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_probes_match_reference(gate_mode, attention):
+    reference, efficient = pair(16, 8, 1, gate_mode=gate_mode, attention=attention)
+    x = random_input(16)
+    for model in (reference, efficient):
+        set_keep_stats(model, True)
+        with torch.no_grad():
+            model(x)
+    assert not efficient.sru.last_r.requires_grad and efficient.sru.last_mask.dtype == torch.bool
+    torch.testing.assert_close(efficient.sru.last_r, reference.sru.last_r, rtol=1e-5, atol=1e-6)
+    assert torch.equal(efficient.sru.last_mask, reference.sru.last_mask)
+    torch.testing.assert_close(efficient.cru.last_beta, reference.cru.last_beta, rtol=1e-5, atol=1e-6)
+    set_keep_stats(efficient, False)
+    assert efficient.sru.last_r is None and efficient.cru.last_beta is None
+
+
+def test_state_dicts_interchange():
+    reference, efficient = pair(16, 16, 2, order="parallel")
+    ref_state, eff_state = reference.state_dict(), efficient.state_dict()
+    assert list(ref_state) == list(eff_state)
+    assert all(ref_state[k].shape == eff_state[k].shape for k in ref_state)
+    other = SCConv(16, 16, 2, SCConvConfig(order="parallel"))
+    other.load_state_dict(efficient.state_dict())
+    x = random_input(16)
+    torch.testing.assert_close(efficient(x), other(x), rtol=1e-5, atol=1e-6)
+
+
+def test_same_submodules_and_gate_discovery():
+    reference, efficient = pair(16, 16, 2)
+    assert [n for n, _ in reference.named_modules()] == [n for n, _ in efficient.named_modules()]
+    assert isinstance(efficient.sru, EfficientSRU) and isinstance(efficient.sru, SRU)
+    assert isinstance(efficient.cru, EfficientCRU) and isinstance(efficient.cru, CRU)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    convert(model, SCConvConfig(impl="efficient"))
+    assert [kind for _, kind, _ in iter_gates(model)] == ["sru", "cru", "sru", "cru"]
+
+
+def test_compiles_to_the_same_function():
+    # aot_eager traces forward and backward like inductor does, without generating code.
+    reference, efficient = pair(16, 16, 2, gate_mode="reference", attention="global")
+    compiled = torch.compile(efficient, backend="aot_eager", fullgraph=True)
+    assert_same_function(reference, efficient, large_input(), call=compiled)
