@@ -71,7 +71,7 @@ class SCConvConfig:
     group_size: int = 2  #: CRU groups g of the group-wise conv (GWC)
     group_kernel: int = 3  #: CRU kernel size k of the GWC (odd)
     attention: str | None = None  #: CRU fuse: pairwise (paper Eq. 3) or global (public code) (None: from preset)
-    impl: str = "reference"  #: implementation: reference (readable definition) or efficient
+    impl: str = "efficient"  #: implementation: efficient (default; same function, less memory) or reference (readable definition)
 
     def __post_init__(self) -> None:
         _choice("scconv.order", self.order, ORDERS)

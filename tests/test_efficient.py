@@ -15,18 +15,9 @@ from ablate.nn.efficient_sru import normalised, normalised_any_layout
 CHANNEL_CASES = [(16, 16), (16, 4)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread handoffs cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pair(in_channels, out_channels, stride=1, **fields):
     """(reference, efficient) SCConv with the same weights; gamma has mixed signs so that every gate mode matters."""
-    config = SCConvConfig(**fields)
+    config = SCConvConfig(impl="reference", **fields)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         reference = SCConv(in_channels, out_channels, stride, config)
@@ -222,7 +213,7 @@ def test_state_dicts_interchange():
     ref_state, eff_state = reference.state_dict(), efficient.state_dict()
     assert list(ref_state) == list(eff_state)
     assert all(ref_state[k].shape == eff_state[k].shape for k in ref_state)
-    other = SCConv(16, 16, 2, SCConvConfig(order="parallel"))
+    other = SCConv(16, 16, 2, SCConvConfig(order="parallel", impl="reference"))
     other.load_state_dict(efficient.state_dict())
     x = random_input(16)
     torch.testing.assert_close(efficient(x), other(x), rtol=1e-5, atol=1e-6)
