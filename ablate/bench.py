@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from ablate.config import ConfigError, _check, _choice, _is_int
+from ablate.memory import peak_rss_mb, reset_peak_rss
 
 #: Implementation name -> (scconv.order, scconv.impl).
 IMPLS = {
@@ -203,7 +204,7 @@ class _PeakMemory:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            _reset_peak_rss()
+            reset_peak_rss()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -216,29 +217,7 @@ class _PeakMemory:
             import torch
 
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return _peak_rss_mb()
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current resident set (Linux); elsewhere the peak covers the whole process."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return peak_rss_mb()
 
 
 # -- output ----------------------------------------------------------------------------------------

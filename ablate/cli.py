@@ -24,7 +24,7 @@ from ablate.config import (
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (field, value, accepted) and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -92,8 +92,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ablate", description="Build, train and search SCConv variants.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineParser(prog="ablate", description="Build, train and search SCConv variants.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
 
     p = sub.add_parser("profile", help="params and MACs of a backbone with an SCConv variant",
@@ -127,9 +127,9 @@ def _registrars():
     return regs
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and run one command; a user error is one line on stderr and status 2, never a traceback."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    parser = build_parser()
     try:
         try:
             args = parser.parse_args(argv)
@@ -137,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             return int(e.code or 0)
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"ablate: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("ablate: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("ablate", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ablate.config import ConfigError
-
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+from ablate.cli import OneLineParser, run_cli
 
 
 def _non_negative(value: str) -> int:
@@ -90,9 +81,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="analysis", description="Read tracked SCConv runs back and explain why validation "
+    parser = OneLineParser(prog="analysis", description="Read tracked SCConv runs back and explain why validation "
                                                   "loss fluctuates.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
 
     p = sub.add_parser(
@@ -136,19 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # One progress bar per downloaded artifact (predictions, checkpoints) would bury the report's output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"analysis: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("analysis: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("analysis", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ablate import track
+from ablate.memory import peak_rss_mb, reset_peak_rss
 from ablate.config import ConfigError, RunConfig
 from ablate.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -77,23 +77,12 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            try:  # Linux: writing 5 resets the peak RSS, so each epoch gets its own figure.
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-            except OSError:
-                pass
+            reset_peak_rss()  # each epoch gets its own figure
 
     def read_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
 
 def variant_label(cfg: RunConfig) -> str:
