@@ -17,8 +17,6 @@ from ablate.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
-    SCConvConfig,
-    parse_assignments,
 )
 
 EXIT_USAGE = 2
