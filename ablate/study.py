@@ -316,28 +316,17 @@ def check_data(settings: StudySettings) -> None:
 
 def cell_problem(settings: StudySettings, cell: dict[str, Any]) -> str | None:
     """Why a cell cannot be built (a layer rule it breaks), or None when it can."""
+    import torch
+
     from ablate.models import build_model
 
     try:
         cfg = settings.space.run_config(cell, settings.overrides, settings.study_name).resolved()
-        with _meta_device():
+        with torch.device("meta"):  # validation needs shapes, not memory
             build_model(cfg.model)
     except ConfigError as e:
         return str(e)
     return None
-
-
-class _meta_device:
-    """Build models on the meta device: validation needs shapes, not memory."""
-
-    def __enter__(self):
-        import torch
-
-        self._ctx = torch.device("meta")
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def enqueue_missing_cells(study, settings: StudySettings) -> list[tuple[dict, str]]:

@@ -89,17 +89,14 @@ def make_client(tracking_uri: str | None = None):
 
     A sqlite store that does not exist is a ConfigError: reading must never create an empty store.
     """
-    from mlflow import MlflowClient
-
-    from ablate.track import quiet_mlflow, resolve_tracking_uri, sqlite_path
+    from ablate.track import client, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)
     db = sqlite_path(uri)
     if db is not None and ":memory:" not in str(db) and not db.is_file():
         raise ConfigError(f"--tracking-uri={uri!r} is not valid: {db} does not exist; "
                           "accepted: an existing MLflow store (run `ablate study` or `ablate train` first)")
-    quiet_mlflow()
-    return MlflowClient(tracking_uri=uri)
+    return client(uri)  # the one client rule: quiet alembic, the installed PostgreSQL driver
 
 
 def get_experiment(client, name: str):

@@ -85,11 +85,6 @@ class PeakMemory:
         return peak_rss_mb()
 
 
-def variant_label(cfg: RunConfig) -> str:
-    """The variant's label, e.g. ``resnet20/sru_cru``."""
-    return cfg.label()
-
-
 def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_id: str | None = None,
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -123,8 +118,8 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     else:
         experiment_id = track.ensure_experiment(client, cfg.experiment)
         run = track.TrackedRun.start(
-            client, experiment_id, run_name or cfg.run_name or variant_label(cfg), cfg.to_params(),
-            {"ablate.variant": variant_label(cfg), "ablate.device": device_name(device), **(tags or {})},
+            client, experiment_id, run_name or cfg.run_name or cfg.label(), cfg.to_params(),
+            {"ablate.variant": cfg.label(), "ablate.device": device_name(device), **(tags or {})},
             parent_run_id=parent_run_id,
         )
     if on_start is not None:
@@ -267,7 +262,7 @@ class _Trainer:
         steps = len(self.train_loader) if t.max_steps_per_epoch is None else min(len(self.train_loader),
                                                                                    t.max_steps_per_epoch)
         bar = tqdm(range(self.start_epoch, t.epochs), initial=self.start_epoch, total=t.epochs, unit="epoch",
-                   desc=variant_label(self.cfg), disable=not self.progress, dynamic_ncols=True)
+                   desc=self.cfg.label(), disable=not self.progress, dynamic_ncols=True)
         for epoch in bar:
             # Reseeding the data order per epoch makes a resumed run see the same batches as an uninterrupted one.
             self.train_loader.generator.manual_seed(t.seed * 100_003 + epoch)
