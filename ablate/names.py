@@ -1,0 +1,35 @@
+"""Names of the tracking contract: every MLflow tag, artifact and Optuna attribute the toolkit writes or reads.
+
+One home, so that a writer and a reader can never disagree on a spelling. ``docs/tracking.md`` explains each.
+"""
+
+from __future__ import annotations
+
+# -- tags on runs ------------------------------------------------------------------------------------------
+ROLE_TAG = "ablate.role"  #: what a run is: one of the ROLE_* values below
+ROLE_RUN, ROLE_STUDY, ROLE_REPORT = "run", "study", "report"
+VARIANT_TAG = "ablate.variant"  #: the variant label of a training run (``RunConfig.label()``)
+DEVICE_TAG = "ablate.device"  #: the device a run trained on, in words
+GIT_COMMIT_TAG = "ablate.git_commit"  #: the commit of the code that ran (``-dirty`` when changed)
+FAILURE_TAG = "failure"  #: why a run ended FAILED or KILLED (exception name, ``nonfinite_loss``, ``worker_lost``)
+REPORT_BASELINE_TAG = "ablate.report.baseline"  #: the variant a report compares against
+REPORT_GROUP_BY_TAG = "ablate.report.group_by"  #: the params that define a report's groups
+REPORT_FROM_EPOCH_TAG = "ablate.report.from_epoch"  #: the first epoch a report's metrics use
+PARENT_RUN_TAG = "mlflow.parentRunId"  #: MLflow's own: nests a trial's run under its study's run
+
+# -- Optuna, mirrored as run tags ---------------------------------------------------------------------------
+OPTUNA_STUDY_TAG = "optuna.study"  #: the study a run belongs to
+OPTUNA_TRIAL_TAG = "optuna.trial_number"  #: the trial a run trained
+OPTUNA_STATE_TAG = "optuna.state"  #: the trial's final state (COMPLETE, PRUNED, FAIL)
+FAILURE_ATTR = "failure"  #: Optuna trial user attribute with the failure reason
+
+# -- artifacts of a training run ----------------------------------------------------------------------------
+HISTORY_ARTIFACT = "history.csv"  #: one row per epoch, every logged metric
+GATE_STATS_ARTIFACT = "gate_stats.csv"  #: per-layer gate statistics per epoch
+PREDICTIONS_ARTIFACT = "val_predictions.npz"  #: per-example predictions and losses per epoch
+CHECKPOINT_DIR = "checkpoint"  #: artifact folder of the checkpoint
+CHECKPOINT_NAME = "checkpoint.pt"  #: the checkpoint file inside CHECKPOINT_DIR
+
+# -- artifacts of a study and a report ----------------------------------------------------------------------
+SKIPPED_CELLS_ARTIFACT = "skipped_cells.csv"  #: grid cells a space declared unbuildable, on the study run
+REPORT_ARTIFACT_DIR = "report"  #: artifact folder of a report (on the study run and the report run)
