@@ -1,6 +1,6 @@
 """ResNets: torchvision's ResNet-50 and the CIFAR ResNet-20/56 of He et al. (2016, section 4.2).
 
-SCConv placement (shared/docs/scconv-spec.md): the 3x3 ``conv2`` of every Bottleneck (ResNet-50) and
+SCConv placement (docs/scconv.md): the 3x3 ``conv2`` of every Bottleneck (ResNet-50) and
 the second 3x3 conv ``conv2`` of every BasicBlock (CIFAR ResNets); 1x1 convs, BN and shortcuts stay.
 """
 

@@ -1,6 +1,6 @@
 """Channel Reconstruction Unit (CRU): split, squeeze, cheap transforms, attention fuse.
 
-Reference definition of shared/docs/scconv-spec.md, section "CRU". Submodule names follow the
+Reference definition of docs/scconv.md, section "CRU". Submodule names follow the
 public implementation lower-cased (``squeeze1``, ``squeeze2``, ``gwc``, ``pwc1``, ``pwc2``).
 """
 
@@ -59,7 +59,7 @@ class CRU(nn.Module):
         self.squeeze2 = nn.Conv2d(self.low, low_sq, 1, bias=False)
         self.gwc = nn.Conv2d(up_sq, out_channels, k, padding=k // 2, groups=config.group_size)
         self.pwc1 = nn.Conv2d(up_sq, out_channels, 1, bias=False)
-        # With out_channels <= low // r the squeezed lower path alone fills the output (spec step 4).
+        # With out_channels <= low // r the squeezed lower path alone fills the output (docs/scconv.md, CRU step 4).
         self.pwc2 = nn.Conv2d(low_sq, out_channels - low_sq, 1, bias=False) if out_channels > low_sq else None
         #: When True, forward keeps the detached attention weights in ``last_beta`` for gate probes.
         self.keep_stats = False

@@ -1,7 +1,8 @@
 """SCConv: the SRU and CRU composed in one of six orders, as a drop-in for a 3x3 convolution.
 
-Reference definition of shared/docs/scconv-spec.md, section "Composition". ``validate_scconv`` holds
-every construction rule, so a bad configuration fails before any module is built or swapped.
+Definition: docs/scconv.md, section "Composition". ``validate_scconv`` holds every construction rule,
+so a bad configuration fails before any module is built or swapped. The order is dispatched here once
+for both implementations; ``ablate.nn.efficient`` supplies only what the efficient one does differently.
 """
 
 from __future__ import annotations
@@ -83,16 +84,22 @@ class SCConv(nn.Module):
             self.sru = sru_type(out_channels, config)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.config.impl == "efficient":
-            return efficient.scconv_forward(self, x)
         if self.order == "none":
             return self.conv(x)
         if self.order == "sru":
             return self.conv(self.sru(x))
+        if self.config.impl == "efficient":
+            return efficient.recompute(self.body, x, self.parameters())
+        return self.body(x)
+
+    def body(self, x: Tensor) -> Tensor:
+        """The orders with a CRU: pool to the output size, then compose the SRU and the CRU."""
         x = self.pool(x)
         if self.order == "cru":
             return self.cru(x)
         if self.order == "sru_cru":
+            if self.config.impl == "efficient":
+                return efficient.sru_cru(self.sru, self.cru, x)
             return self.cru(self.sru(x))
         if self.order == "cru_sru":
             return self.sru(self.cru(x))

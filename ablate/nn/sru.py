@@ -1,6 +1,6 @@
 """Spatial Reconstruction Unit (SRU): gate positions by GroupNorm importance, then cross-reconstruct.
 
-Reference definition of shared/docs/scconv-spec.md, section "SRU". Every reading the paper and the
+Reference definition of docs/scconv.md, section "SRU". Every reading the paper and the
 public code disagree on (gate, gamma normalisation) is a field of ``SCConvConfig``.
 """
 
@@ -95,7 +95,7 @@ class SRU(nn.Module):
             self.last_r = r.detach()
             self.last_mask = self.last_r > self.threshold
         w1, w2 = self.gate(r)
-        # The gate weighs the raw input, not the normalised one (spec step 5).
+        # The gate weighs the raw input, not the normalised one (docs/scconv.md, SRU step 5).
         return self.reconstruct(w1 * x, w2 * x)
 
     def extra_repr(self) -> str:
