@@ -12,15 +12,11 @@ field name for everything else (``backbone``, ``dataset``, ``lr``, ``seed``...).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A user-caused configuration error; the message names the field, the value and what is accepted."""
-
+from ablate.errors import ConfigError, check, check_choice, did_you_mean, is_int
 
 ORDERS = ("none", "sru", "cru", "sru_cru", "cru_sru", "parallel")
 GATE_MODES = ("binary", "reference", "soft", "ste")
@@ -40,25 +36,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DATASET_CLASSES = {"digits": 10, "cifar100": 100, "food101": 101}
 
 
-def _choice(name: str, value: Any, accepted: tuple) -> None:
-    if value not in accepted:
-        hint = _did_you_mean(str(value), [str(a) for a in accepted])
-        raise ConfigError(f"{name}={value!r} is not valid{hint}; accepted: {', '.join(map(str, accepted))}")
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: {accepted}")
-
-
 @dataclass(frozen=True)
 class SCConvConfig:
-    """How every selected 3x3 conv is replaced (see shared/docs/scconv-spec.md)."""
+    """How every selected 3x3 conv is replaced (see docs/scconv.md)."""
 
     order: str = "sru_cru"  #: composition: none, sru, cru, sru_cru, cru_sru, parallel
     preset: str = "paper"  #: fills unset fields: paper (binary gate, pairwise) or reference (public code)
@@ -74,24 +54,24 @@ class SCConvConfig:
     impl: str = "efficient"  #: implementation: efficient (default; same function, less memory) or reference (readable definition)
 
     def __post_init__(self) -> None:
-        _choice("scconv.order", self.order, ORDERS)
-        _choice("scconv.preset", self.preset, tuple(SCCONV_PRESETS))
+        check_choice("scconv.order", self.order, ORDERS)
+        check_choice("scconv.preset", self.preset, tuple(SCCONV_PRESETS))
         if self.gate_mode is not None:
-            _choice("scconv.gate_mode", self.gate_mode, GATE_MODES)
+            check_choice("scconv.gate_mode", self.gate_mode, GATE_MODES)
         if self.gamma_norm is not None:
-            _choice("scconv.gamma_norm", self.gamma_norm, GAMMA_NORMS)
+            check_choice("scconv.gamma_norm", self.gamma_norm, GAMMA_NORMS)
         if self.attention is not None:
-            _choice("scconv.attention", self.attention, ATTENTIONS)
-        _choice("scconv.impl", self.impl, IMPLS)
-        _check("scconv.gate_threshold", self.gate_threshold, 0.0 < self.gate_threshold < 1.0, "a number in (0, 1)")
-        _check("scconv.alpha", self.alpha, 0.0 < self.alpha < 1.0, "a number in (0, 1)")
+            check_choice("scconv.attention", self.attention, ATTENTIONS)
+        check_choice("scconv.impl", self.impl, IMPLS)
+        check("scconv.gate_threshold", self.gate_threshold, 0.0 < self.gate_threshold < 1.0, "a number in (0, 1)")
+        check("scconv.alpha", self.alpha, 0.0 < self.alpha < 1.0, "a number in (0, 1)")
         if self.gn_groups is not None:
-            _check("scconv.gn_groups", self.gn_groups, _is_int(self.gn_groups) and self.gn_groups >= 1, "an integer >= 1")
-        _check("scconv.squeeze_ratio", self.squeeze_ratio, _is_int(self.squeeze_ratio) and self.squeeze_ratio >= 1, "an integer >= 1")
-        _check("scconv.group_size", self.group_size, _is_int(self.group_size) and self.group_size >= 1, "an integer >= 1")
-        _check(
+            check("scconv.gn_groups", self.gn_groups, is_int(self.gn_groups) and self.gn_groups >= 1, "an integer >= 1")
+        check("scconv.squeeze_ratio", self.squeeze_ratio, is_int(self.squeeze_ratio) and self.squeeze_ratio >= 1, "an integer >= 1")
+        check("scconv.group_size", self.group_size, is_int(self.group_size) and self.group_size >= 1, "an integer >= 1")
+        check(
             "scconv.group_kernel", self.group_kernel,
-            _is_int(self.group_kernel) and self.group_kernel >= 1 and self.group_kernel % 2 == 1, "an odd integer >= 1",
+            is_int(self.group_kernel) and self.group_kernel >= 1 and self.group_kernel % 2 == 1, "an odd integer >= 1",
         )
 
     def resolved(self) -> "SCConvConfig":
@@ -111,8 +91,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_classes is not None:
-            _check("num_classes", self.num_classes, _is_int(self.num_classes) and self.num_classes >= 1, "an integer >= 1")
-        _choice("placement", self.placement, PLACEMENTS)
+            check("num_classes", self.num_classes, is_int(self.num_classes) and self.num_classes >= 1, "an integer >= 1")
+        check_choice("placement", self.placement, PLACEMENTS)
         # The backbone name is checked against the registry in ablate.models.build_model.
 
     def resolved(self, num_classes: int = 1000) -> "ModelConfig":
@@ -132,11 +112,11 @@ class DataConfig:
     probe_size: int = 64  #: validation images in the fixed gate-probe batch
 
     def __post_init__(self) -> None:
-        _choice("dataset", self.dataset, DATASETS)
+        check_choice("dataset", self.dataset, DATASETS)
         if self.image_size is not None:
-            _check("image_size", self.image_size, _is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
-        _check("num_workers", self.num_workers, _is_int(self.num_workers) and self.num_workers >= 0, "an integer >= 0")
-        _check("probe_size", self.probe_size, _is_int(self.probe_size) and self.probe_size >= 1, "an integer >= 1")
+            check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
+        check("num_workers", self.num_workers, is_int(self.num_workers) and self.num_workers >= 0, "an integer >= 0")
+        check("probe_size", self.probe_size, is_int(self.probe_size) and self.probe_size >= 1, "an integer >= 1")
 
     def resolved(self) -> "DataConfig":
         if self.image_size is not None:
@@ -172,24 +152,24 @@ class TrainConfig:
     num_threads: int | None = None  #: CPU intra-op threads (None: torch's default; 1 is faster on a busy machine)
 
     def __post_init__(self) -> None:
-        _choice("preset", self.preset, ("auto", *TRAIN_PRESETS))
-        _choice("device", self.device, DEVICES)
+        check_choice("preset", self.preset, ("auto", *TRAIN_PRESETS))
+        check_choice("device", self.device, DEVICES)
         for name in ("epochs", "batch_size", "max_steps_per_epoch", "num_threads"):
             v = getattr(self, name)
             if v is not None:
-                _check(name, v, _is_int(v) and v >= 1, "an integer >= 1")
+                check(name, v, is_int(v) and v >= 1, "an integer >= 1")
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
             if v is not None:
-                _check(name, v, isinstance(v, (int, float)) and v >= 0 and v == v, "a number >= 0")
+                check(name, v, isinstance(v, (int, float)) and v >= 0 and v == v, "a number >= 0")
         if self.lr is not None:
-            _check("lr", self.lr, self.lr > 0, "a number > 0")
-        _check("lr_decay", self.lr_decay, 0 < self.lr_decay <= 1, "a number in (0, 1]")
-        _check("seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+            check("lr", self.lr, self.lr > 0, "a number > 0")
+        check("lr_decay", self.lr_decay, 0 < self.lr_decay <= 1, "a number in (0, 1]")
+        check("seed", self.seed, is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         if self.milestones is not None:
-            _check(
+            check(
                 "milestones", self.milestones,
-                all(_is_int(m) and m >= 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+                all(is_int(m) and m >= 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
                 "increasing integers >= 1, e.g. 30,60,90",
             )
 
@@ -216,7 +196,7 @@ class RunConfig:
     log_checkpoint: bool = True  #: log the final checkpoint as an MLflow artifact
 
     def __post_init__(self) -> None:
-        _check("experiment", self.experiment, isinstance(self.experiment, str) and self.experiment.strip() != "", "a non-empty name")
+        check("experiment", self.experiment, isinstance(self.experiment, str) and self.experiment.strip() != "", "a non-empty name")
 
     def resolved(self) -> "RunConfig":
         """Fill every preset-dependent field; the number of classes follows the dataset when known."""
@@ -249,7 +229,7 @@ class RunConfig:
         sections: dict[str, dict[str, Any]] = {"model": {}, "scconv": {}, "data": {}, "train": {}, "run": {}}
         for key, value in flat.items():
             if key not in index:
-                raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, index)}; see `ablate train --help`")
+                raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, index)}; see `ablate train --help`")
             section, name = index[key]
             sections[section][name] = _coerce(section, name, value)
         base = base or cls()
@@ -312,10 +292,6 @@ def _flatten_input(values: Mapping[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _coerce(section: str, name: str, value: Any) -> Any:

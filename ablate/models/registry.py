@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ablate.config import ConfigError, ModelConfig, _choice
+from ablate.config import ModelConfig
+from ablate.errors import ConfigError, check_choice
 
 Builder = Callable[[ModelConfig], nn.Module]
 
@@ -42,7 +43,7 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
     With ``seed``, construction runs under a forked RNG seeded with it: the weights are reproducible
     and the caller's global RNG state is left untouched.
     """
-    _choice("backbone", cfg.backbone, tuple(list_models()))
+    check_choice("backbone", cfg.backbone, tuple(list_models()))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ConfigError(f"seed={seed!r} is not valid; accepted: an integer >= 0")
     cfg = cfg.resolved()
