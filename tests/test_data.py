@@ -337,7 +337,7 @@ def test_stats_cache_recomputed_when_stale_or_unwritable(tmp_path, monkeypatch):
     def refuse(*_):
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(stats_mod, "_write_atomic", refuse)
+    monkeypatch.setattr(stats_mod, "atomic_write", refuse)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert build_datasets(cfg).mean == truth

@@ -1,7 +1,7 @@
 """Per-channel mean/std of a training split, computed once and cached beside the data as JSON.
 
-Cache: ``<data_root>/scconv-ablate-stats/<dataset>.json``, written atomically (temporary file in
-the same folder, then ``os.replace``) so that parallel workers never read half a file. The
+Cache: ``<data_root>/scconv-ablate-stats/<dataset>.json``, written atomically
+(``ablate.fileio.atomic_write``) so that parallel workers never read half a file. The
 training-set size is stored with the numbers; a cache whose size differs (the tree changed) is
 recomputed. A read-only data root is not an error: the stats are then recomputed on each build.
 """
@@ -9,14 +9,14 @@ recomputed. A read-only data root is not an error: the stats are then recomputed
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from ablate.fileio import atomic_write
 
 #: Images sampled from large training sets (Food-101, image folders) to estimate the stats.
 MAX_SAMPLE = 2000
@@ -89,7 +89,7 @@ def cached_stats(path: Path, num_train_images: int, compute: Callable[[], Channe
         return found
     stats = compute()
     try:
-        _write_atomic(path, json.dumps(asdict(stats), indent=2))
+        atomic_write(path, json.dumps(asdict(stats), indent=2))
     except OSError as err:  # a read-only data root still trains; it only pays the computation again
         warnings.warn(f"could not cache dataset statistics at {path}: {err}", stacklevel=2)
     return stats
@@ -107,16 +107,3 @@ def _read(path: Path) -> ChannelStats | None:
         return None  # missing or unreadable: recompute and overwrite
     return stats if len(stats.mean) == len(stats.std) == 3 else None
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
