@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
+from ablate.errors import ConfigError
+from ablate.names import FAILURE_TAG, GIT_COMMIT_TAG, PARENT_RUN_TAG, ROLE_RUN, ROLE_TAG
+
 DEFAULT_STORE_DIR = "mlruns"
 DEFAULT_DB = "mlflow.db"
 
@@ -30,8 +33,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if not uri:
         uri = f"sqlite:///{Path(DEFAULT_STORE_DIR, DEFAULT_DB).resolve()}"
     if uri.startswith("file:") or "://" not in uri:
-        from ablate.config import ConfigError
-
         raise ConfigError(
             f"tracking_uri={uri!r} is not valid; accepted: a database URI (sqlite:///path.db, postgresql://...) or "
             "an http(s):// tracking server (MLflow's file store is not supported)"
@@ -149,9 +150,9 @@ class TrackedRun:
         """Create a RUNNING run with its params and tags (nested under ``parent_run_id`` when given)."""
         from mlflow.entities import Param
 
-        all_tags = {"ablate.git_commit": git_commit(), "ablate.role": "run", **tags}
+        all_tags = {GIT_COMMIT_TAG: git_commit(), ROLE_TAG: ROLE_RUN, **tags}
         if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags[PARENT_RUN_TAG] = parent_run_id
         run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
@@ -219,6 +220,6 @@ class TrackedRun:
             elif issubclass(exc_type, KeyboardInterrupt):
                 self.end(KILLED)
             else:
-                self.set_tags({"failure": exc_type.__name__})
+                self.set_tags({FAILURE_TAG: exc_type.__name__})
                 self.end(FAILED)
         return False

@@ -138,7 +138,7 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv
 
 @pytest.mark.slow
 def test_digits_baseline_reaches_90_percent(tracking_uri):
-    """The acceptance run of the training issue: resnet20, order none, 15 epochs on digits."""
+    """The acceptance run: resnet20, order none, 15 epochs on digits."""
     result = run_training(RunConfig.from_dict({"scconv.order": "none", "epochs": 15}), tracking_uri=tracking_uri,
                           progress=False)
     assert result.final["val_acc"] >= 0.90

@@ -6,7 +6,6 @@ Studies call exactly this for each trial (``on_epoch`` reports to Optuna and may
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -19,12 +18,13 @@ import numpy as np
 import torch
 
 from ablate import track
-from ablate.memory import peak_rss_mb, reset_peak_rss
 from ablate.config import ConfigError, RunConfig
-from ablate.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-
-#: Scalar metrics logged every epoch (and the columns of history.csv after ``epoch``).
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "peak_memory_mb")
+from ablate.device import PeakMemory, device_name, resolve_device
+from ablate.names import (
+    CHECKPOINT_DIR, CHECKPOINT_NAME, DEVICE_TAG, FAILURE_TAG, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT,
+    OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, VARIANT_TAG,
+)
+from ablate.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,38 +53,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is not valid here: no CUDA device is visible; accepted: auto, cpu")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-class PeakMemory:
-    """Peak memory per epoch: the CUDA allocator's peak, or on CPU the process's peak RSS (VmHWM)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            reset_peak_rss()  # each epoch gets its own figure
-
-    def read_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return peak_rss_mb()
-
-
 def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_id: str | None = None,
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -104,7 +72,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
         cfg, resume_state = _load_resume(client, resume_run_id)
     cfg = cfg.resolved()
     check_available(cfg.data)  # a missing dataset fails before any run exists
-    device = pick_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     bundle = build_datasets(cfg.data)
@@ -119,7 +87,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
         experiment_id = track.ensure_experiment(client, cfg.experiment)
         run = track.TrackedRun.start(
             client, experiment_id, run_name or cfg.run_name or cfg.label(), cfg.to_params(),
-            {"ablate.variant": cfg.label(), "ablate.device": device_name(device), **(tags or {})},
+            {VARIANT_TAG: cfg.label(), DEVICE_TAG: device_name(device), **(tags or {})},
             parent_run_id=parent_run_id,
         )
     if on_start is not None:
@@ -134,14 +102,16 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
         try:
             trainer.fit(on_epoch)
         except NonFiniteLoss as exc:
-            run.set_tags({"failure": "nonfinite_loss"})
+            run.set_tags({FAILURE_TAG: "nonfinite_loss"})
             run.end(track.FAILED)
             trainer.finish_artifacts(keep_checkpoint=False)
             return RunResult(run.run_id, track.FAILED, len(trainer.history), trainer.history, str(exc))
         except BaseException as exc:
+            import optuna
+
             trainer.finish_artifacts(keep_checkpoint=True)  # what ran stays inspectable and resumable
-            if type(exc).__name__ == "TrialPruned":
-                run.set_tags({"optuna.state": "PRUNED"})
+            if isinstance(exc, optuna.TrialPruned):
+                run.set_tags({OPTUNA_STATE_TAG: "PRUNED"})
                 run.end(track.KILLED)
             raise
         trainer.finish_artifacts(keep_checkpoint=cfg.log_checkpoint)
@@ -183,7 +153,7 @@ def _load_resume(client, run_id: str) -> tuple[RunConfig, dict]:
 
 def _checkpoint_path(artifact_uri: str) -> Path | None:
     local = track.local_artifact_dir(artifact_uri)
-    return None if local is None else local / "checkpoint" / CHECKPOINT_NAME
+    return None if local is None else local / CHECKPOINT_DIR / CHECKPOINT_NAME
 
 
 class _Trainer:
@@ -214,7 +184,7 @@ class _Trainer:
         self.workdir = Path(tempfile.mkdtemp(prefix="ablate-run-"))
         local = track.local_artifact_dir(run.artifact_uri)
         # Checkpoints go straight into a local artifact store (resumable by run id); else a temp dir.
-        self.ckpt_path = (local / "checkpoint" if local else self.workdir / "checkpoint") / CHECKPOINT_NAME
+        self.ckpt_path = (local or self.workdir) / CHECKPOINT_DIR / CHECKPOINT_NAME
         seed_everything(t.seed)
         if self.probe.active:
             self.probe.baseline_masks(device)
@@ -301,22 +271,22 @@ class _Trainer:
     # -- artifacts --------------------------------------------------------------------------
 
     def finish_artifacts(self, keep_checkpoint: bool) -> None:
-        """Log history.csv, gate_stats.csv and val_predictions.npz; keep or drop the checkpoint."""
+        """Log the history, gate statistics and predictions artifacts; keep or drop the checkpoint."""
         import pandas as pd
 
         out = self.workdir / "out"
         out.mkdir(exist_ok=True)
         if self.history:
-            pd.DataFrame(self.history).rename_axis("epoch").reset_index().to_csv(out / "history.csv", index=False)
+            pd.DataFrame(self.history).rename_axis("epoch").reset_index().to_csv(out / HISTORY_ARTIFACT, index=False)
             pd.DataFrame(self.gate_rows, columns=["epoch", "layer", "kind", "stat", "value"]).to_csv(
-                out / "gate_stats.csv", index=False)
-            np.savez_compressed(out / "val_predictions.npz", pred=np.stack(self.preds), loss=np.stack(self.losses),
+                out / GATE_STATS_ARTIFACT, index=False)
+            np.savez_compressed(out / PREDICTIONS_ARTIFACT, pred=np.stack(self.preds), loss=np.stack(self.losses),
                                 target=self.target)
             for path in sorted(out.iterdir()):
                 self.run.log_artifact(path)
         local_ckpt = track.local_artifact_dir(self.run.artifact_uri) is not None
         if keep_checkpoint and not local_ckpt and self.ckpt_path.exists():
-            self.run.log_artifact(self.ckpt_path, "checkpoint")
+            self.run.log_artifact(self.ckpt_path, CHECKPOINT_DIR)
         if not keep_checkpoint and local_ckpt:
             shutil.rmtree(self.ckpt_path.parent, ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
