@@ -88,7 +88,7 @@ class SCConv(nn.Module):
             return self.conv(x)
         if self.order == "sru":
             return self.conv(self.sru(x))
-        if self.config.impl == "efficient":
+        if self.config.impl == "efficient":  # on large inputs keeps only x and reruns the body in backward
             return efficient.recompute(self.body, x, self.parameters())
         return self.body(x)
 
