@@ -22,6 +22,12 @@ OPTUNA_STUDY_TAG = "optuna.study"  #: the study a run belongs to
 OPTUNA_TRIAL_TAG = "optuna.trial_number"  #: the trial a run trained
 OPTUNA_STATE_TAG = "optuna.state"  #: the trial's final state (COMPLETE, PRUNED, FAIL)
 FAILURE_ATTR = "failure"  #: Optuna trial user attribute with the failure reason
+RUN_ID_ATTR = "mlflow_run_id"  #: Optuna trial user attribute: the MLflow run that trained the trial
+CELL_ATTR = "cell"  #: Optuna trial user attribute: the trial's swept values (grid cells are enqueued with it)
+LABEL_ATTR = "label"  #: Optuna trial user attribute: the variant label of the trial's cell
+EPOCHS_ATTR = "epochs_run"  #: Optuna trial user attribute: epochs trained so far
+SURPLUS_ATTR = "ablate_surplus"  #: Optuna trial user attribute: a worker's pop that found no cell left
+SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings every trial shares
 
 # -- artifacts of a training run ----------------------------------------------------------------------------
 HISTORY_ARTIFACT = "history.csv"  #: one row per epoch, every logged metric

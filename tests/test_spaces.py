@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ablate.config import ConfigError
-from ablate.spaces import Range, available, load_space, parse_space
+from ablate.errors import ConfigError
+from ablate.study.spaces import Range, available, load_space, parse_space
 
 GOOD = """\
 [study]

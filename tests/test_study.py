@@ -23,14 +23,13 @@ from mlflow.tracking import MlflowClient
 
 from ablate import track
 from ablate.cli import main
-from ablate.spaces import available, load_space
+from ablate.names import CELL_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
 from ablate.study import (
-    CELL_ATTR,
-    RUN_ID_ATTR,
-    SURPLUS_ATTR,
     StudySettings,
-    _cell_key,
+    available,
+    cell_key,
     enqueue_missing_cells,
+    load_space,
     load_study,
     make_pruner,
     prepare,
@@ -83,7 +82,7 @@ def runs(tracking: str, experiment: str, role: str = "run"):
 def assert_each_cell_once(storage: str, tracking: str, name: str, cells: list[dict]) -> None:
     """Every cell has exactly one COMPLETE trial and exactly one MLflow run: it was trained once."""
     complete = [t for t in live(all_trials(storage, name)) if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(_cell_key(t.params) for t in complete) == sorted(_cell_key(c) for c in cells)
+    assert sorted(cell_key(t.params) for t in complete) == sorted(cell_key(c) for c in cells)
     children = runs(tracking, name)
     assert len(children) == len(cells)
     assert {r.info.status for r in children} == {track.FINISHED}

@@ -24,9 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.config import ConfigError, RunConfig, _choice, _did_you_mean
+from ablate.config import RunConfig
+from ablate.errors import ConfigError, check_choice, did_you_mean, is_int, is_number
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+def _spaces_dir() -> Path:
+    """The shipped spaces: the wheel's copy inside this package, else the checkout's ``studies/`` (editable)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "studies"
+    return packaged if packaged.is_dir() else here.parent.parent / "studies"
+
+
+SPACES_DIR = _spaces_dir()
 TABLES = ("study", "base", "params", "variants")
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
@@ -143,7 +152,7 @@ def space_path(name: str) -> Path:
     path = SPACES_DIR / f"{name}.toml"
     if not _NAME.fullmatch(name) or not path.is_file():
         names = available()
-        raise ConfigError(f"space={name!r} is not valid{_did_you_mean(name, names)}; accepted: {', '.join(names)}")
+        raise ConfigError(f"space={name!r} is not valid{did_you_mean(name, names)}; accepted: {', '.join(names)}")
     return path
 
 
@@ -180,7 +189,7 @@ def parse_space(raw: dict[str, Any], path: Path, overrides: dict[str, Any] | Non
     fail = _Failer(path, text)
     for key in raw:
         if key not in TABLES:
-            raise fail(key, f"unknown table [{key}]{_did_you_mean(key, TABLES)}; accepted: "
+            raise fail(key, f"unknown table [{key}]{did_you_mean(key, TABLES)}; accepted: "
                             + ", ".join(f"[{t}]" for t in TABLES))
         if not isinstance(raw[key], dict):
             raise fail(key, f"{key} is not a table; accepted: [{key}] with key = value lines")
@@ -216,7 +225,7 @@ def _parse_study(study: dict[str, Any], path: Path, fail) -> dict[str, Any]:
     """The [study] table as Space fields."""
     for key in study:
         if key not in STUDY_KEYS:
-            raise fail(key, f"unknown key study.{key}{_did_you_mean(key, STUDY_KEYS)}; "
+            raise fail(key, f"unknown key study.{key}{did_you_mean(key, STUDY_KEYS)}; "
                             f"accepted: {', '.join(STUDY_KEYS)}", "study")
     name = study.get("name", path.stem)
     try:
@@ -236,24 +245,24 @@ def _parse_study(study: dict[str, Any], path: Path, fail) -> dict[str, Any]:
                                 f"accepted: a trained metric first ({', '.join(EPOCH_OBJECTIVES)})", "study")
     sampler = study.get("sampler", "grid")
     if sampler not in SAMPLERS:
-        raise fail("sampler", f"study.sampler={sampler!r} is not valid{_did_you_mean(str(sampler), SAMPLERS)}; "
+        raise fail("sampler", f"study.sampler={sampler!r} is not valid{did_you_mean(str(sampler), SAMPLERS)}; "
                               f"accepted: {', '.join(SAMPLERS)}", "study")
     pruner = study.get("pruner", "median")
     if pruner not in PRUNERS:
-        raise fail("pruner", f"study.pruner={pruner!r} is not valid{_did_you_mean(str(pruner), PRUNERS)}; "
+        raise fail("pruner", f"study.pruner={pruner!r} is not valid{did_you_mean(str(pruner), PRUNERS)}; "
                              f"accepted: {', '.join(PRUNERS)}", "study")
     if len(objectives) > 1 and pruner != "none":
         raise fail("pruner", f"study.pruner={pruner!r} is not valid with several objectives (Optuna cannot prune "
                              "them); accepted: none", "study")
     n_trials = study.get("n_trials")
-    if n_trials is not None and (not _is_int(n_trials) or n_trials < 1):
+    if n_trials is not None and (not is_int(n_trials) or n_trials < 1):
         raise fail("n_trials", f"study.n_trials={n_trials!r} is not valid; accepted: an integer >= 1", "study")
     if sampler != "grid" and n_trials is None:
         raise fail("sampler", f"study.n_trials is missing; accepted: an integer >= 1 (needed by sampler {sampler!r})",
                    "study")
     seeds = study.get("seeds")
     if seeds is not None:
-        if (not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds)
+        if (not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds)
                 or len(set(seeds)) != len(seeds)):
             raise fail("seeds", f"study.seeds={seeds!r} is not valid; accepted: a list of distinct integers >= 0",
                        "study")
@@ -276,17 +285,9 @@ def _one_or_many(study: dict[str, Any], one: str, many: str, default: str, accep
         values, key = [study.get(one, default)], one
     for v in values:
         if not isinstance(v, str) or v not in accepted:
-            raise fail(key, f"study.{one}={v!r} is not valid{_did_you_mean(str(v), accepted)}; "
+            raise fail(key, f"study.{one}={v!r} is not valid{did_you_mean(str(v), accepted)}; "
                             f"accepted: {', '.join(accepted)}", "study")
     return tuple(values)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _parse_param(key: str, value: Any, sampler: str, fail) -> list | Range:
@@ -305,17 +306,17 @@ def _parse_param(key: str, value: Any, sampler: str, fail) -> list | Range:
             raise fail(key, f"params.{key}={value!r} is not valid; accepted: {{low, high, step}} or "
                             "{low, high, log = true}", "params")
         low, high = value["low"], value["high"]
-        if not (_is_number(low) and _is_number(high)) or low >= high:
+        if not (is_number(low) and is_number(high)) or low >= high:
             raise fail(key, f"params.{key}: low={low!r}, high={high!r} is not valid; accepted: numbers with low < high",
                        "params")
         step, log = value.get("step"), value.get("log", False)
         if not isinstance(log, bool):
             raise fail(key, f"params.{key}: log={log!r} is not valid; accepted: true or false", "params")
-        if step is not None and (not _is_number(step) or step <= 0 or log):
+        if step is not None and (not is_number(step) or step <= 0 or log):
             raise fail(key, f"params.{key}: step={step!r} is not valid; accepted: a number > 0 (and no log)", "params")
         if log and low <= 0:
             raise fail(key, f"params.{key}: low={low!r} is not valid with log; accepted: low > 0", "params")
-        integer = all(_is_int(v) for v in (low, high, step if step is not None else 1))
+        integer = all(is_int(v) for v in (low, high, step if step is not None else 1))
         rng = Range(float(low), float(high), float(step) if step is not None else None, log, integer)
         if sampler == "grid" and rng.grid() is None:
             raise fail(key, f"params.{key} has no step; accepted: a list or {{low, high, step}} with the grid sampler",
@@ -373,7 +374,7 @@ def _check_config(values: dict[str, Any]) -> RunConfig:
     if "backbone" in values:
         from ablate.models import list_models
 
-        _choice("backbone", cfg.model.backbone, tuple(list_models()))
+        check_choice("backbone", cfg.model.backbone, tuple(list_models()))
     return cfg
 
 
