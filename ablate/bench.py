@@ -1,4 +1,4 @@
-"""`ablate bench`: training-step time and peak memory of the baseline, reference and efficient SCConv.
+"""Benchmark core: training-step time and peak memory of the baseline, reference and efficient SCConv.
 
 Each implementation trains in its own subprocess (a fresh allocator and no shared caches), in
 interleaved rounds A B C A B C so that drift of a shared machine spreads over all three. A step is
@@ -15,7 +15,6 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,8 +23,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from ablate.config import ConfigError, _check, _choice, _is_int
-from ablate.memory import peak_rss_mb, reset_peak_rss
+from ablate import table
+from ablate.device import PeakMemory, resolve_device
+from ablate.errors import ConfigError, check, check_choice, is_int
 
 #: Implementation name -> (scconv.order, scconv.impl).
 IMPLS = {
@@ -34,7 +34,6 @@ IMPLS = {
     "efficient": ("sru_cru", "efficient"),
 }
 DEVICES = ("auto", "cpu", "cuda")
-FORMATS = ("table", "json")
 
 
 class BenchError(RuntimeError):
@@ -62,26 +61,20 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "repeats", "num_classes"):
             value = getattr(self, name)
-            _check(name, value, _is_int(value) and value >= 1, "an integer >= 1")
-        _check("warmup", self.warmup, _is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
-        _check("image_size", self.image_size, _is_int(self.image_size) and self.image_size >= 32, "an integer >= 32")
+            check(name, value, is_int(value) and value >= 1, "an integer >= 1")
+        check("warmup", self.warmup, is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
+        check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 32, "an integer >= 32")
         if self.threads is not None:
-            _check("threads", self.threads, _is_int(self.threads) and self.threads >= 1, "an integer >= 1")
-        _choice("device", self.device, DEVICES)
+            check("threads", self.threads, is_int(self.threads) and self.threads >= 1, "an integer >= 1")
+        check_choice("device", self.device, DEVICES)
         for impl in self.impls:
-            _choice("impls", impl, tuple(IMPLS))
-        _check("impls", ",".join(self.impls), "baseline" in self.impls and len(set(self.impls)) == len(self.impls),
+            check_choice("impls", impl, tuple(IMPLS))
+        check("impls", ",".join(self.impls), "baseline" in self.impls and len(set(self.impls)) == len(self.impls),
                "distinct names including baseline (the ratios are against it), e.g. baseline,efficient")
 
     def resolved(self) -> "BenchConfig":
         """Device resolved, CUDA-only options checked, the baseline first; raises ConfigError."""
-        import torch
-
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' is not valid: no CUDA device is available here; accepted: cpu")
+        device = resolve_device(self.device).type
         for name in ("amp", "compile"):
             if getattr(self, name) and device != "cuda":
                 raise ConfigError(f"{name}=True is not valid with device='cpu'; accepted: {name} on cuda only")
@@ -97,7 +90,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     cfg = cfg.resolved()
     from ablate.models import list_models
 
-    _choice("backbone", cfg.backbone, tuple(list_models()))
+    check_choice("backbone", cfg.backbone, tuple(list_models()))
     rounds: dict[str, list[dict]] = {impl: [] for impl in cfg.impls}
     for _ in range(cfg.repeats):
         for impl in cfg.impls:
@@ -182,7 +175,8 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
 
     for _ in range(cfg.warmup):
         step()
-    memory = _PeakMemory(device)
+    memory = PeakMemory(device)
+    memory.reset()
     times = []
     for _ in range(cfg.steps):
         memory.sync()
@@ -190,34 +184,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
         step()
         memory.sync()
         times.append(time.perf_counter() - start)
-    return {"step_times": times, "peak_memory_mb": memory.peak_mb(), "threads": torch.get_num_threads()}
-
-
-class _PeakMemory:
-    """Peak memory from construction on: the CUDA allocator's, or the CPU process's resident set."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            reset_peak_rss()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return peak_rss_mb()
+    return {"step_times": times, "peak_memory_mb": memory.read_mb(), "threads": torch.get_num_threads()}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -230,77 +197,17 @@ _COLUMNS = [
     ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
     ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
 ]
+_FIRST_NUMERIC = 8  # "step s" on: right-aligned
 
 
 def format_table(rows: list[dict]) -> str:
     """An aligned text table of bench rows (from one or several invocations)."""
     headers = [h for h, _, _ in _COLUMNS]
     body = [[fmt(row[key]) for _, key, fmt in _COLUMNS] for row in rows]
-    widths = [max(len(cells[i]) for cells in [headers, *body]) for i in range(len(headers))]
-    numeric = set(range(8, len(headers)))
-    lines = [
-        "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-        for cells in [headers, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table.format_table(headers, body, right_from=_FIRST_NUMERIC)
 
 
-# -- command line ----------------------------------------------------------------------------------
-
-
-def register(sub) -> None:
-    """Add the ``bench`` command to the ``ablate`` parser."""
-    from ablate.cli import _choices_type
-
-    p = sub.add_parser(
-        "bench", help="train-step time and peak memory: baseline vs reference vs efficient SCConv",
-        description="Time training steps (forward, backward, SGD) of the baseline (order none) and of SCConv "
-                    "(order sru_cru) in its reference and efficient implementations, each in its own "
-                    "subprocess, in interleaved rounds. Step time: median over timed steps; peak memory: the "
-                    "CUDA allocator's peak, or on CPU the peak resident set during the timed steps (max over "
-                    "rounds); ratios against the baseline.")
-    p.add_argument("--backbone", required=True, help="resnet20, resnet56, resnet50, densenet121")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
-    p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
-    p.add_argument("--device", type=_choices_type("device", DEVICES), default="auto",
-                   help="auto (default: CUDA when available), cpu or cuda")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="on CUDA keep NCHW (default: channels_last, as training does)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
-    p.add_argument("--impls", type=_impls_type, default=tuple(IMPLS),
-                   help="comma list of baseline, reference, efficient (default: all three)")
-    p.add_argument("--format", type=_choices_type("format", FORMATS), default="table", help="table or json")
-    p.set_defaults(func=cmd_bench)
-
-
-def _impls_type(value: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if n not in IMPLS]
-    if bad or "baseline" not in names:
-        raise argparse.ArgumentTypeError(
-            f"impls={value!r} is not valid; accepted: a comma list of {', '.join(IMPLS)} including baseline")
-    return names
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark and print its rows; 1 when a measuring run failed."""
-    cfg = BenchConfig(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-                      device=args.device, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                      amp=args.amp, compile=args.compile, channels_last=args.channels_last,
-                      threads=args.threads, impls=args.impls)
-    try:
-        rows = run_bench(cfg)
-    except BenchError as e:
-        print(f"ablate: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(rows, indent=2) if args.format == "json" else format_table(rows))
-    return 0
+# -- the worker's entry: `python -m ablate.bench --worker SPEC` ------------------------------------
 
 
 def _worker_main(argv: list[str]) -> int:

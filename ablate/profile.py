@@ -14,8 +14,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.config import ModelConfig, _check
+from ablate import table
+from ablate.config import ModelConfig
+from ablate.errors import check, is_int
 from ablate.models import build_model
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not); buffers such as BN statistics are not counted."""
@@ -61,8 +64,7 @@ def profile_rows(model_cfg: ModelConfig, image_size: int, compare: bool) -> list
 
 
 def _check_image_size(image_size: int) -> None:
-    ok = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 8
-    _check("image_size", image_size, ok, "an integer >= 8")
+    check("image_size", image_size, is_int(image_size) and image_size >= 8, "an integer >= 8")
 
 
 def _profile_row(cfg: ModelConfig, image_size: int) -> dict:
@@ -87,14 +89,7 @@ def format_table(rows: list[dict]) -> str:
     if with_ratios:
         headers += ["params x", "MACs x"]
     body = [_format_row(row, with_ratios) for row in rows]
-    widths = [max(len(cells[i]) for cells in [headers, *body]) for i in range(len(headers))]
-    numeric = set(range(4, len(headers)))  # right-align the numbers
-    lines = [
-        "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-        for cells in [headers, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table.format_table(headers, body, right_from=4)  # "classes" on: numbers, right-aligned
 
 
 def _format_row(row: dict, with_ratios: bool) -> list[str]:

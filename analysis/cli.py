@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ablate.cli import OneLineParser, run_cli
+from ablate.cli.common import OneLineParser, add_tracking_uri, run_cli
 
 
 def _non_negative(value: str) -> int:
@@ -42,12 +42,6 @@ def _params_list(value: str) -> list[str]:
     if not items:
         raise argparse.ArgumentTypeError(f"{value!r} is not valid; accepted: comma-separated param names")
     return items
-
-
-def _add_tracking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db "
-                        "under the current folder)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -95,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "logged as artifacts (report/) of the study's parent run, or of a new run tagged "
                     "ablate.role=report.")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (a study's runs use the study name)")
-    _add_tracking(p)
+    add_tracking_uri(p)
     p.add_argument("--group-by", type=_params_list, default=None, metavar="PARAM,...",
                    help="params that define a variant (default: the params that vary across runs, less seed and "
                         "bookkeeping params such as run_name and data_root; see analysis/runs.py)")
@@ -118,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "uniform L-inf perturbations. CPU, about a minute for a ResNet-20.")
     s.add_argument("--run-id", required=True, help="MLflow run id of the variant's run (needs checkpoint/checkpoint.pt)")
     s.add_argument("--baseline-run-id", default=None, help="MLflow run id to compare with, on the same images")
-    _add_tracking(s)
+    add_tracking_uri(s)
     s.add_argument("--images", type=_positive, default=8, help="validation images (default 8)")
     s.add_argument("--perturbations", type=_positive, default=4, help="perturbations per image (default 4)")
     s.add_argument("--radius", type=_radius, default=0.02, help="L-inf radius in normalised input units (default 0.02)")

@@ -1,19 +1,17 @@
-"""`ablate train` and `ablate ui`."""
+"""`ablate train`: train one variant, tracked in MLflow."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
-import sys
 
+from ablate import track
+from ablate.cli.common import EXIT_FAILURE, add_scconv_args, add_tracking_uri, choices_type, scconv_overrides
+from ablate.cli.ui import ui_command
 from ablate.config import DATASETS, DEVICES, RunConfig, field_docs, parse_assignments
 
 
 def register(sub) -> None:
-    """Add the ``train`` and ``ui`` commands to the ``ablate`` parser."""
-    from ablate.cli import _choices_type, add_scconv_args
-
+    """Add the ``train`` command to the ``ablate`` parser."""
     keys = "\n".join(f"  {k:<22} {doc}" for k, doc in field_docs().items())
     p = sub.add_parser(
         "train", help="train one variant, tracked in MLflow",
@@ -21,7 +19,7 @@ def register(sub) -> None:
                     "statistics, predictions, checkpoint).",
         epilog=f"Every config key can be set with --set KEY=VALUE:\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", type=_choices_type("dataset", DATASETS), default=None,
+    p.add_argument("--dataset", type=choices_type("dataset", DATASETS), default=None,
                    help="digits (embedded, default), cifar100, food101, imagefolder")
     p.add_argument("--data-root", default=None, help="folder holding the dataset (default ~/.cache/scconv-ablate/data)")
     p.add_argument("--download", action="store_true", default=None, help="fetch cifar100/food101 when missing")
@@ -32,10 +30,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the preset's)")
     p.add_argument("--image-size", type=int, default=None, help="input side (digits 32, others 224)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    p.add_argument("--device", type=_choices_type("device", DEVICES), default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--device", type=choices_type("device", DEVICES), default=None, help="auto (default), cpu, cuda")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default scconv-ablate)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    add_tracking_uri(p)
     p.add_argument("--set", dest="assignments", action="append", metavar="KEY=VALUE", default=[],
                    help="set any config key (repeatable), e.g. --set scconv.alpha=0.25")
     p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue an interrupted run from its checkpoint")
@@ -43,12 +40,6 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_scconv_args(p, order_default=None)
     p.set_defaults(func=cmd_train)
-
-    u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the tracking store",
-                       description="Start `mlflow ui` on 127.0.0.1 over the default store (or --tracking-uri).")
-    u.add_argument("--tracking-uri", default=None, help="store to show (default: the same as `ablate train`)")
-    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    u.set_defaults(func=cmd_ui)
 
 
 _ARG_KEYS = {"dataset": "dataset", "data_root": "data_root", "download": "download", "backbone": "backbone",
@@ -58,8 +49,6 @@ _ARG_KEYS = {"dataset": "dataset", "data_root": "data_root", "download": "downlo
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config: defaults, then the named options, then --set (the last word wins)."""
-    from ablate.cli import scconv_overrides
-
     flat = {key: getattr(args, attr) for attr, key in _ARG_KEYS.items() if getattr(args, attr) is not None}
     flat.update(scconv_overrides(args))
     if args.no_checkpoint:
@@ -69,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ablate import track
+    """Train one run and print its outcome; 1 when it did not end FINISHED."""
     from ablate.train import run_training
 
     cfg = config_from_args(args)
@@ -81,23 +70,4 @@ def cmd_train(args: argparse.Namespace) -> int:
                + (f" ({result.failure})" if result.failure else ""))
     print(summary)
     print(f"open the MLflow UI: {ui_command(uri)}")
-    return 0 if result.status == track.FINISHED else 1
-
-
-def ui_command(uri: str) -> str:
-    """The shell command that opens the MLflow UI on ``uri``."""
-    from ablate import track
-
-    default = track.resolve_tracking_uri(None) == uri
-    return "ablate ui" if default else f"ablate ui --tracking-uri {shlex.quote(uri)}"
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    from ablate import track
-
-    uri = track.resolve_tracking_uri(args.tracking_uri)
-    track.client(uri)  # creates the SQLite folder so the UI starts on a fresh checkout
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(cmd)
+    return 0 if result.status == track.FINISHED else EXIT_FAILURE

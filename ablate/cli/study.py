@@ -6,7 +6,11 @@ import argparse
 import shlex
 import time
 
-from ablate.config import ConfigError, parse_assignments
+from ablate import track
+from ablate.cli.common import EXIT_FAILURE, add_tracking_uri
+from ablate.cli.ui import ui_command
+from ablate.config import parse_assignments
+from ablate.errors import ConfigError, redact_url
 
 
 def register(sub) -> None:
@@ -42,16 +46,13 @@ def register(sub) -> None:
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None,
                    help="Optuna storage (default sqlite:///mlruns/optuna.db; postgresql://... for many machines)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    add_tracking_uri(p)
     p.add_argument("--study-name", default=None, help="study and MLflow experiment name (default: the space's)")
 
 
 def _settings(args: argparse.Namespace, **extra):
     """Validate every argument and the space; nothing is created here (a bad input leaves no file behind)."""
-    from ablate import track
-    from ablate.spaces import check_study_name, load_space
-    from ablate.study import StudySettings, resolve_storage
+    from ablate.study import StudySettings, check_study_name, load_space, resolve_storage
 
     overrides = parse_assignments(getattr(args, "assignments", None))
     space = load_space(args.space, overrides)
@@ -75,7 +76,6 @@ def _settings(args: argparse.Namespace, **extra):
 def cmd_study(args: argparse.Namespace) -> int:
     """Run the study; exit 0 when no trial is left queued or running, else 1."""
     from ablate.study import check_data, format_trial_table, pending_trials, run_study
-    from ablate.train.cli import ui_command
 
     settings = _settings(args, progress=not args.quiet)
     check_data(settings)
@@ -91,12 +91,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         report += f" --tracking-uri {shlex.quote(settings.tracking_uri)}"
     print(f"open the MLflow UI: {ui_command(settings.tracking_uri)}")
     print(f"make the report:    {report}")
-    return 1 if pending else 0
+    return EXIT_FAILURE if pending else 0
 
 
 def cmd_spaces(args: argparse.Namespace) -> int:
     """One line per shipped space: name, kind and size, description."""
-    from ablate.spaces import available, load_space
+    from ablate.study import available, load_space
 
     rows = []
     for name in available():
@@ -115,11 +115,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the trial table of an existing study (creates nothing)."""
     import optuna
 
-    from ablate import track
-    from ablate.study import _redact, format_trial_table, make_sampler, make_storage
+    from ablate.study import format_trial_table, make_sampler, make_storage
 
     settings = _settings(args, progress=False)
-    shown = _redact(settings.storage_url)
+    shown = redact_url(settings.storage_url)
     db = track.sqlite_path(settings.storage_url)
     if db is not None and not db.is_file():
         raise ConfigError(f"storage={shown!r} does not exist; accepted: the store of a study that ran "
