@@ -11,14 +11,13 @@ from analysis.fluctuation import (
     CURVE_METRICS,
     CURVES,
     METRIC_DOCS,
-    MIN_SEGMENT,
     MIN_TREND_POINTS,
     curve_metrics,
     parse_breaks,
-    residual,
     run_metrics,
     spike_count,
 )
+from analysis.trend import MIN_SEGMENT, residual
 
 N = 60
 EPOCHS = np.arange(N, dtype=float)
@@ -84,7 +83,7 @@ def test_spikes_on_noisy_trend_are_found_with_few_false_ones():
 def test_spike_count_false_positive_rate_on_white_noise():
     rng = np.random.default_rng(4)
     counts = [curve_metrics(rng.normal(0.0, 1.0, N))["spike_count"] for _ in range(300)]
-    # Gaussian ideal is 0.16 per 60 points; the module docstring states about 0.37
+    # Gaussian ideal is 0.16 per 60 points; the analysis.trend docstring states about 0.37
     assert np.mean(counts) < 0.5
 
 
@@ -158,7 +157,7 @@ def test_step_decay_is_all_trend_given_its_milestones(epochs, milestones):
     # not told about the schedule, the drop is a jump the trend cannot follow: it counts
     blind = curve_metrics(y)
     assert blind["resid_sd"] > 10 * CLEAN and blind["spike_count"] >= 1
-    # a drop that settles over about an epoch leaves a small part of itself (module docstring: 2-5%)
+    # a drop that settles over about an epoch leaves a small part of itself (analysis.fluctuation docstring: 2-5%)
     assert curve_metrics(_step_decay(epochs, milestones, settle=0.5), breaks=milestones)["resid_sd"] < 0.05 * 0.2
 
 
