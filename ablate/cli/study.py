@@ -10,7 +10,7 @@ from ablate import track
 from ablate.cli.common import EXIT_FAILURE, add_tracking_uri
 from ablate.cli.ui import ui_command
 from ablate.config import parse_assignments
-from ablate.errors import ConfigError, redact_url
+from ablate.errors import ConfigError, check, redact_url
 
 
 def register(sub) -> None:
@@ -59,14 +59,12 @@ def _settings(args: argparse.Namespace, **extra):
     if args.study_name is not None:
         check_study_name(args.study_name, "study_name")
     n_trials = getattr(args, "n_trials", None)
-    if n_trials is not None and n_trials < 1:
-        raise ConfigError(f"n_trials={n_trials!r} is not valid; accepted: an integer >= 1")
+    if n_trials is not None:
+        check("n_trials", n_trials, n_trials >= 1, "an integer >= 1")
     workers = getattr(args, "workers", 1)
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} is not valid; accepted: an integer >= 1")
+    check("workers", workers, workers >= 1, "an integer >= 1")
     heartbeat = getattr(args, "heartbeat", 10)
-    if heartbeat < 1:
-        raise ConfigError(f"heartbeat={heartbeat!r} is not valid; accepted: an integer >= 1 (seconds)")
+    check("heartbeat", heartbeat, heartbeat >= 1, "an integer >= 1 (seconds)")
     return StudySettings(
         space=space, storage_url=resolve_storage(args.storage), tracking_uri=track.resolve_tracking_uri(args.tracking_uri),
         study_name=args.study_name or space.name, overrides=overrides, n_trials=n_trials, workers=workers,
