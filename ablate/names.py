@@ -5,6 +5,9 @@ One home, so that a writer and a reader can never disagree on a spelling. ``docs
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 # -- tags on runs ------------------------------------------------------------------------------------------
 ROLE_TAG = "ablate.role"  #: what a run is: one of the ROLE_* values below
 ROLE_RUN, ROLE_STUDY, ROLE_REPORT = "run", "study", "report"
@@ -39,3 +42,25 @@ CHECKPOINT_NAME = "checkpoint.pt"  #: the checkpoint file inside CHECKPOINT_DIR
 # -- artifacts of a study and a report ----------------------------------------------------------------------
 SKIPPED_CELLS_ARTIFACT = "skipped_cells.csv"  #: grid cells a space declared unbuildable, on the study run
 REPORT_ARTIFACT_DIR = "report"  #: artifact folder of a report (on the study run and the report run)
+
+# -- gate metrics of a training run -------------------------------------------------------------------------
+GATE_KINDS = ("sru", "cru")  #: the gate modules whose statistics are logged
+_GATE_METRIC = re.compile(rf"^({'|'.join(GATE_KINDS)})/(.+)/([^/]+)$")
+
+
+class GateKey(NamedTuple):
+    """One gate statistic of one layer, logged as the metric ``<kind>/<layer>/<stat>``."""
+
+    kind: str  #: one of GATE_KINDS
+    layer: str  #: module path of the owning SCConv, e.g. ``layer1.0.conv2``
+    stat: str  #: e.g. ``flip_share`` (docs/scconv.md, "Gate statistics")
+
+    def metric_name(self) -> str:
+        """The metric name the statistic is logged under."""
+        return f"{self.kind}/{self.layer}/{self.stat}"
+
+    @classmethod
+    def parse(cls, name: str) -> GateKey | None:
+        """The key of a gate metric name, or None for any other metric."""
+        match = _GATE_METRIC.match(name)
+        return cls(*match.groups()) if match else None

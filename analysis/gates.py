@@ -1,5 +1,5 @@
 """Gate behaviour over epochs (from the ``sru/<layer>/<stat>`` and ``cru/<layer>/<stat>`` metrics of
-tracking.md) and live gate probes on a model.
+docs/tracking.md, read with ``ablate.names.GateKey``) and live gate probes on a model.
 
 - :func:`gate_frame`: tidy ``run_id, variant, seed, epoch, kind, layer, stat, value``.
 - :func:`layer_epoch_stats`: per variant, layer and epoch (mean over seeds) the informative share,
@@ -8,7 +8,7 @@ tracking.md) and live gate probes on a model.
   flip share, ``flip[e] - flip[e-1]``, with ``|val_loss[e] - val_loss[e-1]|``, pooling the epoch
   pairs of every seed; layers ranked by it, highest first. First differences remove the shared
   downward trend of both series, which would otherwise correlate them for no reason. The flip
-  share of epoch 0 has no previous probe mask (tracking.md logs 0), so differences start at epoch 2.
+  share of epoch 0 has no previous probe mask (docs/tracking.md: it is logged as 0), so differences start at epoch 2.
 - :func:`gate_association`: across runs, Spearman correlation of each run's mean gate statistic with
   one of its fluctuation metrics (which gate statistics move with the fluctuation).
 
@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-GATE_KEY = re.compile(r"^(sru|cru)/(.+)/([^/]+)$")
+from ablate.names import GateKey
+
 #: Per layer and epoch statistics shown as heatmaps (kind, stat).
 LAYER_STATS = (
     ("sru", "informative_share"), ("sru", "near_threshold_share"), ("sru", "flip_share"),
@@ -39,7 +40,7 @@ GATE_COLUMNS = ["run_id", "variant", "seed", "epoch", "kind", "layer", "stat", "
 
 def is_gate_metric(name: str) -> bool:
     """True for ``sru/<layer>/<stat>`` and ``cru/<layer>/<stat>`` metric names."""
-    return GATE_KEY.match(name) is not None
+    return GateKey.parse(name) is not None
 
 
 def layer_sort_key(layer: str) -> tuple:
@@ -49,10 +50,9 @@ def layer_sort_key(layer: str) -> tuple:
 
 def gate_frame(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Gate metrics of a long ``run_id, epoch, metric, value`` history, split into kind/layer/stat."""
-    names = pd.Series(history["metric"].unique())
-    parts = names.str.extract(GATE_KEY.pattern).set_axis(["kind", "layer", "stat"], axis=1)
-    parts["metric"] = names
-    parts = parts.dropna()
+    keys = {name: GateKey.parse(name) for name in history["metric"].unique()}
+    parts = pd.DataFrame([(name, *key) for name, key in keys.items() if key is not None],
+                         columns=["metric", *GateKey._fields])
     if parts.empty:
         return pd.DataFrame(columns=GATE_COLUMNS)
     frame = history.merge(parts, on="metric").drop(columns="metric")
@@ -219,15 +219,6 @@ def gate_association(run_table: pd.DataFrame, target: str, gate_cols: Sequence[s
 
 def probe_masks(model, x) -> dict[str, "torch.Tensor"]:
     """One eval forward pass of ``x``; returns layer -> bool mask ``R > t`` of every SRU (on CPU)."""
-    import torch
+    from ablate.train.probes import capture_gates
 
-    from ablate.nn import iter_gates, set_keep_stats
-
-    model.eval()
-    set_keep_stats(model, True)
-    try:
-        with torch.no_grad():
-            model(x)
-        return {layer: m.last_mask.detach().cpu().clone() for layer, kind, m in iter_gates(model) if kind == "sru"}
-    finally:
-        set_keep_stats(model, False)
+    return {cap.layer: cap.mask.cpu() for cap in capture_gates(model, x) if cap.kind == "sru"}

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from ablate.config import ConfigError, RunConfig
+from ablate.names import ROLE_REPORT, ROLE_STUDY, ROLE_TAG
 
 REQUIRED_METRICS = ("train_loss", "val_loss")
 SEED_PARAM = "seed"
@@ -32,8 +33,6 @@ BASELINE_ORDER = "none"
 BOOKKEEPING_PARAMS = frozenset(
     {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size"}
 )
-ROLE_TAG = "ablate.role"
-VARIANT_TAG = "ablate.variant"
 _MISSING = "<unset>"
 _PAGE = 1000
 
@@ -146,10 +145,9 @@ def fetch_histories(client, run_ids: Sequence[str], keys: Iterable[str]) -> pd.D
 # -- loading -----------------------------------------------------------------------------------
 
 
-def load_runs(client, experiment: str, metric_filter=None) -> RunSet:
+def load_runs(client, experiment: str) -> RunSet:
     """Read every FINISHED run of ``experiment`` that has train/val loss histories (variant not yet set).
 
-    ``metric_filter(name) -> bool`` limits which histories are read (all by default).
     Raises ConfigError when the experiment is unknown or no run has the needed metrics.
     """
     exp = get_experiment(client, experiment)
@@ -159,7 +157,7 @@ def load_runs(client, experiment: str, metric_filter=None) -> RunSet:
         missing = [k for k in REQUIRED_METRICS if k not in run.data.metrics]
         role = run.data.tags.get(ROLE_TAG)
         if missing:
-            why = f"{ROLE_TAG}={role}" if role in ("study", "report") else f"no {', '.join(missing)} history"
+            why = f"{ROLE_TAG}={role}" if role in (ROLE_STUDY, ROLE_REPORT) else f"no {', '.join(missing)} history"
             skipped.append((run.info.run_id, run.info.run_name or "", why))
         else:
             usable.append(run)
@@ -169,8 +167,7 @@ def load_runs(client, experiment: str, metric_filter=None) -> RunSet:
             f"({len(finished)} finished runs, {len(skipped)} without them); accepted: an experiment of training runs"
         )
     usable.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    keys = {k for r in usable for k in r.data.metrics if metric_filter is None or metric_filter(k)}
-    keys.update(REQUIRED_METRICS)
+    keys = {k for r in usable for k in r.data.metrics}
     run_ids = [r.info.run_id for r in usable]
     history = fetch_histories(client, run_ids, keys)
     return RunSet(
@@ -275,7 +272,7 @@ def _pick_baseline(rs: RunSet, baseline: str | None) -> str:
 
 def study_parent_run(client, experiment_id: str):
     """The latest run tagged ``ablate.role=study`` in the experiment (any status), or None."""
-    runs = search_all_runs(client, experiment_id, f"tags.`{ROLE_TAG}` = 'study'")
+    runs = search_all_runs(client, experiment_id, f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'")
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 

@@ -1,6 +1,6 @@
 """analysis.runs: MLflow runs -> tidy frames, variant grouping, baseline choice.
 
-``log_study`` builds synthetic tracked runs (the tracking.md layout) directly with MlflowClient;
+``log_study`` builds synthetic tracked runs (the docs/tracking.md layout) directly with MlflowClient;
 test_gates.py and test_report.py import it from here.
 """
 
