@@ -1,6 +1,6 @@
 """Sensitivity of a trained model's SRU gates and layer attributions to small input perturbations (captum).
 
-For a run's final checkpoint (tracking.md: ``checkpoint/checkpoint.pt``) and a few fixed validation
+For a run's final checkpoint (docs/tracking.md: ``checkpoint/checkpoint.pt``) and a few fixed validation
 images (the run's own gate-probe images, ``ablate.data.probe_batch``):
 
 - ``mask_sensitivity``: ``captum.metrics.sensitivity_max`` of the SRU masks (``R > t``, every SRU
@@ -29,9 +29,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ablate.config import ConfigError
+from ablate.errors import ConfigError
+from ablate.names import CHECKPOINT_DIR, CHECKPOINT_NAME
+from analysis.gates import probe_masks
 
-CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
 DEFAULT_IMAGES = 8
 DEFAULT_RADIUS = 0.02
 DEFAULT_PERTURB = 4
@@ -77,8 +79,6 @@ def _first(inputs) -> torch.Tensor:
 
 def _mask_explanation(model: nn.Module):
     """inputs -> tuple of float SRU masks per layer (captum explanation_func)."""
-    from analysis.gates import probe_masks
-
     def explain(inputs):
         return tuple(m.float() for m in probe_masks(model, _first(inputs)).values())
 
@@ -116,8 +116,6 @@ def common_layer(models: Sequence[nn.Module]) -> str:
 def flip_counts(model: nn.Module, images: torch.Tensor, radius: float, n_perturb: int,
                 seed: int) -> dict[str, tuple[int, int]]:
     """Per SRU layer: (mask bits that flip between each image and its perturbed copies, bits compared)."""
-    from analysis.gates import probe_masks
-
     clean = probe_masks(model, images)
     if not clean:
         return {}
@@ -158,7 +156,7 @@ def compare_models(models: dict[str, nn.Module], images: torch.Tensor, labels: t
 
 def has_checkpoint(client, run_id: str) -> bool:
     """True when the run logged ``checkpoint/checkpoint.pt``."""
-    return CHECKPOINT_ARTIFACT in {f.path for f in client.list_artifacts(run_id, "checkpoint")}
+    return CHECKPOINT_ARTIFACT in {f.path for f in client.list_artifacts(run_id, CHECKPOINT_DIR)}
 
 
 def load_run_model(client, run_id: str, dst: Path):

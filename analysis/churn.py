@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ablate.config import ConfigError
+from ablate.errors import ConfigError
 
 TOP_FRACTION = 0.05
 #: ``fluctuation_kind`` says "confidence" when at least this share of the loss movement comes from

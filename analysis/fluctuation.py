@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import welch
 
-from ablate.config import ConfigError
+from ablate.errors import ConfigError
 from analysis import trend
 from analysis.trend import MAD_TO_SD
 

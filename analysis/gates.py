@@ -19,13 +19,16 @@ p-values are exact or Monte Carlo permutation p-values with the run as the unit:
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from ablate.names import GateKey
+
+if TYPE_CHECKING:
+    import torch
 
 #: Per layer and epoch statistics shown as heatmaps (kind, stat).
 LAYER_STATS = (
@@ -217,7 +220,7 @@ def gate_association(run_table: pd.DataFrame, target: str, gate_cols: Sequence[s
 # -- live probes -------------------------------------------------------------------------------
 
 
-def probe_masks(model, x) -> dict[str, "torch.Tensor"]:
+def probe_masks(model, x) -> dict[str, torch.Tensor]:
     """One eval forward pass of ``x``; returns layer -> bool mask ``R > t`` of every SRU (on CPU)."""
     from ablate.train.probes import capture_gates
 

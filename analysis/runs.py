@@ -22,7 +22,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from ablate.config import ConfigError, RunConfig
+from ablate.config import RunConfig
+from ablate.errors import ConfigError
 from ablate.names import ROLE_REPORT, ROLE_STUDY, ROLE_TAG
 
 REQUIRED_METRICS = ("train_loss", "val_loss")

@@ -35,7 +35,7 @@ from math import comb
 import numpy as np
 import pandas as pd
 
-from ablate.config import ConfigError
+from ablate.errors import ConfigError
 
 MAX_EXACT_SPLITS = 20000
 N_PERM_MC = 10000

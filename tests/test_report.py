@@ -54,7 +54,7 @@ def test_figure_infos(study):
     assert report.get_gate_heatmap_info(data, "sru", "not_a_stat") is None
     fl = report.get_fluctuation_info(data)
     assert fl.metrics[0] == "val_loss.resid_sd" and set(fl.ratios["variant"]) == {"sru", "sru_cru"}
-    points = report.get_flip_scatter_info(data)
+    points = report.get_flip_scatter_info(data).points
     assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == 2
 
 

@@ -1,0 +1,149 @@
+"""The report's numbers, as plain frames: ``build_report_data`` reads the runs and computes every table."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ablate.errors import ConfigError
+from ablate.names import PREDICTIONS_ARTIFACT
+from analysis import churn as churn_mod
+from analysis import fluctuation, gates, stats
+from analysis.runs import RunSet, assign_variants, list_artifact_paths, load_runs
+
+ALPHA = 0.05
+PRIMARY = "val_loss.resid_sd"
+KEY_METRICS = ("val_loss.resid_sd", "val_loss.excess_tv", "val_loss.spike_count", "val_acc.resid_sd",
+               "val_train_resid_ratio")
+CHURN_METRICS = ("flip_rate_mean", "forgetting_events_per_example", "stable_pred_share_of_change_pooled",
+                 "top5_share_of_change_pooled")
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, as plain frames (no figures)."""
+
+    runs: RunSet
+    from_epoch: int
+    run_metrics: pd.DataFrame
+    comparisons: pd.DataFrame
+    gates: pd.DataFrame
+    layer_stats: pd.DataFrame
+    flip_points: pd.DataFrame
+    flip_coupling: pd.DataFrame
+    gate_association: pd.DataFrame
+    churn: pd.DataFrame
+    sensitivity: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> str:
+        return self.runs.baseline
+
+    @property
+    def descriptive(self) -> bool:
+        """True when no variant has 2 runs: nothing can be tested, so no p-value is printed."""
+        return max(self.runs_per_variant().values()) < 2
+
+    def runs_per_variant(self) -> dict[str, int]:
+        counts = self.runs.runs["variant"].value_counts()
+        return {v: int(counts[v]) for v in self.runs.variants}
+
+
+def build_report_data(client, experiment: str, group_by: Sequence[str] | None = None, baseline: str | None = None,
+                      from_epoch: int = 0, sensitivity: bool = False, n_boot: int = 2000) -> ReportData:
+    """Read the runs and compute every table; raises ConfigError on bad input, writes nothing."""
+    if from_epoch < 0:
+        raise ConfigError(f"--from-epoch={from_epoch!r} is not valid; accepted: an integer >= 0")
+    rs = assign_variants(load_runs(client, experiment), group_by, baseline)
+    last = int(rs.history["epoch"].max())
+    if from_epoch > last:
+        raise ConfigError(f"--from-epoch={from_epoch} is not valid; accepted: 0..{last} (the runs have epochs 0..{last})")
+    gate_df = gates.gate_frame(rs.history, rs.runs)
+    churn_df = churn_table(client, rs, from_epoch)
+    table = run_metric_table(rs, from_epoch, gate_df, churn_df)
+    metric_cols = [c for c in table.columns if c.split(".")[0] in fluctuation.CURVES
+                   or c in fluctuation.METRIC_DOCS or c.startswith("churn.")]
+    metric_cols = [c for c in metric_cols if table[c].dtype.kind in "fi"]
+    comparisons = stats.compare_groups(table, rs.baseline, "variant", metric_cols, n_boot=n_boot)
+    points = gates.flip_points(gate_df, rs.history, from_epoch)
+    association = (gates.gate_association(table.set_index("run_id"), PRIMARY)
+                   if any(c.startswith("gate.") for c in table.columns) and PRIMARY in table else pd.DataFrame())
+    data = ReportData(
+        runs=rs, from_epoch=from_epoch, run_metrics=table, comparisons=comparisons,
+        gates=gate_df, layer_stats=gates.layer_epoch_stats(gate_df) if len(gate_df) else pd.DataFrame(),
+        flip_points=points, flip_coupling=gates.flip_coupling(points), gate_association=association, churn=churn_df,
+    )
+    if sensitivity:
+        data.sensitivity = report_sensitivity(client, rs, data.notes)
+    return data
+
+
+def run_metric_table(rs: RunSet, from_epoch: int, gate_df: pd.DataFrame, churn_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: run_id, variant, seed, the fluctuation metrics, ``churn.*`` and ``gate.*`` columns."""
+    curves = [c for c in fluctuation.CURVES if c in set(rs.history["metric"])]
+    wide = rs.wide_history(curves)
+    rows = []
+    for run_id, hist in wide.groupby("run_id", sort=False):
+        row = {"run_id": run_id, "variant": rs.runs.at[run_id, "variant"], "seed": rs.runs.at[run_id, "seed"]}
+        milestones = rs.params.at[run_id, "milestones"] if "milestones" in rs.params.columns else None
+        # A scheduled lr drop is a step in the trend, not fluctuation.
+        row.update(fluctuation.run_metrics(hist[["epoch", *curves]], from_epoch,
+                                           breaks=fluctuation.parse_breaks(milestones)))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(churn_df):
+        keep = ["run_id", *CHURN_METRICS, "kind"]
+        table = table.merge(churn_df[keep].rename(columns=lambda c: c if c == "run_id" else f"churn.{c}"),
+                            on="run_id", how="left")
+    summary = gates.run_gate_summary(gate_df, from_epoch) if len(gate_df) else pd.DataFrame()
+    if len(summary):
+        table = table.merge(summary, left_on="run_id", right_index=True, how="left")
+    order = {v: i for i, v in enumerate(rs.variants)}
+    table = table.sort_values(["variant", "seed"], key=lambda c: c.map(order) if c.name == "variant"
+                              else pd.to_numeric(c, errors="coerce"))
+    return table.reset_index(drop=True)
+
+
+def churn_table(client, rs: RunSet, from_epoch: int = 0) -> pd.DataFrame:
+    """``churn_summary`` (+ ``kind``) of every run with a val_predictions.npz artifact (rows from from_epoch)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="analysis-churn-") as tmp:
+        for run_id in rs.runs.index:
+            if PREDICTIONS_ARTIFACT not in list_artifact_paths(client, run_id):
+                continue
+            path = client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, str(Path(tmp) / run_id))
+            with np.load(path) as npz:
+                pred, loss, target = npz["pred"][from_epoch:], npz["loss"][from_epoch:], npz["target"]
+            summary = churn_mod.churn_summary(pred, loss, target)
+            rows.append({"run_id": run_id, "variant": rs.runs.at[run_id, "variant"], **summary,
+                         "kind": churn_mod.fluctuation_kind(summary)})
+    return pd.DataFrame(rows)
+
+
+def report_sensitivity(client, rs: RunSet, notes: list[str]) -> pd.DataFrame | None:
+    """Sensitivity of the lowest-seed run with a checkpoint of each variant, on the baseline's images."""
+    from analysis.attribution import has_checkpoint, run_sensitivity
+
+    chosen: dict[str, str] = {}
+    for variant in rs.variants:
+        runs = rs.runs[rs.runs["variant"] == variant].sort_values("seed")
+        for run_id in runs.index:
+            if has_checkpoint(client, run_id):
+                chosen[variant] = run_id
+                break
+    if len(chosen) < len(rs.variants):
+        missing = [v for v in rs.variants if v not in chosen]
+        notes.append(f"sensitivity: no checkpoint artifact for {', '.join(missing)}")
+    if not chosen:
+        return None
+    try:
+        return run_sensitivity(client, chosen)
+    except ConfigError as e:
+        notes.append(f"sensitivity skipped: {e}")
+        return None
