@@ -33,6 +33,7 @@ SURPLUS_ATTR = "ablate_surplus"  #: Optuna trial user attribute: a worker's pop 
 SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings every trial shares
 
 # -- artifacts of a training run ----------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config.json"  #: the run's full RunConfig as JSON
 HISTORY_ARTIFACT = "history.csv"  #: one row per epoch, every logged metric
 GATE_STATS_ARTIFACT = "gate_stats.csv"  #: per-layer gate statistics per epoch
 PREDICTIONS_ARTIFACT = "val_predictions.npz"  #: per-example predictions and losses per epoch

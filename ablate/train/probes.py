@@ -89,10 +89,6 @@ class GateProbe:
             out.update({GateKey(cap.kind, cap.layer, stat): value for stat, value in stats.items()})
         return out
 
-    def record(self, device: torch.device, autocast_ctx=None) -> dict[str, float]:
-        """:meth:`measure` under the logged metric names (``sru/<layer>/<stat>``)."""
-        return {key.metric_name(): value for key, value in self.measure(device, autocast_ctx).items()}
-
     def _sru_stats(self, cap: GateCapture) -> dict[str, float]:
         sru = cap.module
         r = cap.r.float()

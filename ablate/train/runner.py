@@ -21,7 +21,7 @@ from ablate import track
 from ablate.config import ConfigError, RunConfig
 from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.names import (
-    CHECKPOINT_DIR, CHECKPOINT_NAME, DEVICE_TAG, FAILURE_TAG, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT,
+    CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT,
     OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, VARIANT_TAG,
 )
 from ablate.train.checkpoint import load_checkpoint, save_checkpoint
@@ -98,7 +98,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
         if resume_state is not None:
             trainer.restore(resume_state)
         else:
-            _log_json(run, cfg.to_dict(), "config.json")
+            _log_json(run, cfg.to_dict(), CONFIG_ARTIFACT)
         try:
             trainer.fit(on_epoch)
         except NonFiniteLoss as exc:
@@ -251,18 +251,17 @@ class _Trainer:
             if not np.isfinite(result.loss):
                 raise NonFiniteLoss(f"validation loss is {result.loss} at epoch {epoch}")
             seconds = time.perf_counter() - start
-            gates = self.probe.record(self.device, autocast(self.device, self.amp))
+            gates = self.probe.measure(self.device, autocast(self.device, self.amp))
             row = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": result.loss, "val_acc": result.acc,
                    "lr": lr, "epoch_seconds": seconds, "peak_memory_mb": self.memory.read_mb()}
             self.history.append(row)
             for key, value in gates.items():
-                kind, layer, stat = key.split("/")
-                self.gate_rows.append((epoch, layer, kind, stat, value))
+                self.gate_rows.append((epoch, key.layer, key.kind, key.stat, value))
             self.preds.append(result.pred.astype(np.int16 if self.cfg.model.num_classes < 2**15 else np.int32))
             self.losses.append(result.example_loss.astype(np.float16))
             self.target = result.target
             save_checkpoint(self.ckpt_path, self.state(epoch))
-            metrics = {**row, **gates}
+            metrics = {**row, **{key.metric_name(): value for key, value in gates.items()}}
             self.run.log_metrics(metrics, step=epoch)
             bar.set_postfix(val_loss=f"{result.loss:.4f}", val_acc=f"{result.acc:.3f}")
             if on_epoch is not None:
