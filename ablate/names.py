@@ -65,3 +65,13 @@ class GateKey(NamedTuple):
         """The key of a gate metric name, or None for any other metric."""
         match = _GATE_METRIC.match(name)
         return cls(*match.groups()) if match else None
+
+
+# -- perturbation sensitivity of a training run (network-level metrics) ------------------------------------
+SENS_KINDS = ("out", "loss")  #: output change per unit input change, and loss change per unit eps
+SENS_SLOPE_METRIC = "sens/slope"  #: least-squares slope of log(output sensitivity) on log(eps)
+
+
+def sens_metric(kind: str, eps: float) -> str:
+    """The metric name of one sensitivity at relative perturbation ``eps``, e.g. ``sens/out/eps_1e-04``."""
+    return f"sens/{kind}/eps_{eps:.0e}"
