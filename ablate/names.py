@@ -19,6 +19,8 @@ REPORT_BASELINE_TAG = "ablate.report.baseline"  #: the variant a report compares
 REPORT_GROUP_BY_TAG = "ablate.report.group_by"  #: the params that define a report's groups
 REPORT_FROM_EPOCH_TAG = "ablate.report.from_epoch"  #: the first epoch a report's metrics use
 PARENT_RUN_TAG = "mlflow.parentRunId"  #: MLflow's own: nests a trial's run under its study's run
+RESUMED_FROM_RUN_TAG = "ablate.resumed_from_run"  #: the run whose checkpoint a run continued (a retried trial)
+RESUMED_FROM_EPOCH_TAG = "ablate.resumed_from_epoch"  #: the first epoch a run trained after restoring a checkpoint
 
 # -- Optuna, mirrored as run tags ---------------------------------------------------------------------------
 OPTUNA_STUDY_TAG = "optuna.study"  #: the study a run belongs to
@@ -30,6 +32,7 @@ CELL_ATTR = "cell"  #: Optuna trial user attribute: the trial's swept values (gr
 LABEL_ATTR = "label"  #: Optuna trial user attribute: the variant label of the trial's cell
 EPOCHS_ATTR = "epochs_run"  #: Optuna trial user attribute: epochs trained so far
 SURPLUS_ATTR = "ablate_surplus"  #: Optuna trial user attribute: a worker's pop that found no cell left
+RESUME_ATTR = "resume_from_run"  #: Optuna trial user attribute: the dead attempt's run a retried trial continues
 SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings every trial shares
 
 # -- artifacts of a training run ----------------------------------------------------------------------------
