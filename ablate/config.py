@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from ablate.errors import ConfigError, check, check_choice, did_you_mean, is_int
+from ablate.errors import ConfigError, check, check_choice, did_you_mean, is_int, is_number
 
 ORDERS = ("none", "sru", "cru", "sru_cru", "cru_sru", "parallel")
 GATE_MODES = ("binary", "reference", "soft", "ste")
@@ -194,9 +194,12 @@ class RunConfig:
     experiment: str = "scconv-ablate"  #: MLflow experiment name
     run_name: str | None = None  #: MLflow run name (None: the variant label)
     log_checkpoint: bool = True  #: log the final checkpoint as an MLflow artifact
+    checkpoint_every_minutes: float = 10.0  #: inside a long epoch, checkpoint (and upload) at least this often
 
     def __post_init__(self) -> None:
         check("experiment", self.experiment, isinstance(self.experiment, str) and self.experiment.strip() != "", "a non-empty name")
+        check("checkpoint_every_minutes", self.checkpoint_every_minutes,
+              is_number(self.checkpoint_every_minutes) and self.checkpoint_every_minutes > 0, "a number of minutes > 0")
 
     def resolved(self) -> "RunConfig":
         """Fill every preset-dependent field; the number of classes follows the dataset when known."""
