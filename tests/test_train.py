@@ -39,8 +39,8 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
     assert "ablate.git_commit" in run.data.tags
     sru_keys = [k for k in run.data.metrics if k.startswith("sru/layer3.2.conv2/")]
     assert {k.rsplit("/", 1)[1] for k in sru_keys} == {
-        "informative_share", "near_threshold_share", "flip_share", "gamma_min", "gamma_max", "gamma_sum",
-        "gamma_negative", "gamma_drift"}
+        "informative_share", "near_threshold_share", "margin_share", "flip_share", "perturb_flip_share", "gamma_min",
+        "gamma_max", "gamma_sum", "gamma_negative", "gamma_drift"}
     assert {"cru/layer1.0.conv2/beta_mean", "cru/layer1.0.conv2/beta_entropy"} <= set(run.data.metrics)
     share = run.data.metrics["sru/layer1.0.conv2/informative_share"]
     assert 0.0 <= share <= 1.0

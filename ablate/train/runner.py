@@ -161,7 +161,7 @@ class _Trainer:
 
     def __init__(self, cfg: RunConfig, model, bundle, device: torch.device, run: track.TrackedRun, progress: bool):
         from ablate.data import make_loaders, probe_batch
-        from ablate.train.probes import GateProbe
+        from ablate.train.probes import GateProbe, SensitivityProbe
 
         self.cfg, self.model, self.device, self.run, self.progress = cfg, model, device, run, progress
         t = cfg.train
@@ -172,8 +172,9 @@ class _Trainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                                          weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(t.milestones), gamma=t.lr_decay)
-        probe_x, _ = probe_batch(bundle, cfg.data.probe_size)
+        probe_x, probe_y = probe_batch(bundle, cfg.data.probe_size)
         self.probe = GateProbe(model, probe_x)
+        self.sensitivity = SensitivityProbe(model, probe_x, probe_y)
         self.history: list[dict[str, float]] = []
         self.gate_rows: list[tuple[int, str, str, str, float]] = []
         self.preds: list[np.ndarray] = []
@@ -253,7 +254,8 @@ class _Trainer:
             seconds = time.perf_counter() - start
             gates = self.probe.measure(self.device, autocast(self.device, self.amp))
             row = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": result.loss, "val_acc": result.acc,
-                   "lr": lr, "epoch_seconds": seconds, "peak_memory_mb": self.memory.read_mb()}
+                   "lr": lr, "epoch_seconds": seconds, "peak_memory_mb": self.memory.read_mb(),
+                   **self.sensitivity.measure(self.device, autocast(self.device, self.amp))}
             self.history.append(row)
             for key, value in gates.items():
                 self.gate_rows.append((epoch, key.layer, key.kind, key.stat, value))
