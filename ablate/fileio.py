@@ -30,3 +30,26 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` atomically."""
     with atomic_open(path) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
+
+
+def writable_problem(path: str | Path, folder: bool = False) -> str | None:
+    """Why ``path`` (a file, or a folder with ``folder``) cannot be created or written, or None; creates nothing.
+
+    Callers check their outputs with it before they write anything, so that a bad path leaves no half state.
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        if folder != path.is_dir():
+            return f"{path} is {'a file' if folder else 'a folder'}"
+        here = path if folder else path.parent
+        if not os.access(path, os.W_OK) or not os.access(here, os.W_OK | os.X_OK):
+            return f"{path} is not writable"
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
