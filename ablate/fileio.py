@@ -38,6 +38,13 @@ def writable_problem(path: str | Path, folder: bool = False) -> str | None:
     Callers check their outputs with it before they write anything, so that a bad path leaves no half state.
     """
     path = Path(path).expanduser()
+    try:
+        return _writable_problem(path, folder)
+    except OSError as e:  # e.g. a parent folder that may not be listed
+        return f"{path} is not accessible ({e.strerror or e})"
+
+
+def _writable_problem(path: Path, folder: bool) -> str | None:
     if path.exists():
         if folder != path.is_dir():
             return f"{path} is {'a file' if folder else 'a folder'}"
