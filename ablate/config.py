@@ -12,6 +12,7 @@ field name for everything else (``backbone``, ``dataset``, ``lr``, ``seed``...).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -34,6 +35,9 @@ SCCONV_PRESETS: dict[str, dict[str, Any]] = {
 DATASETS = ("digits", "cifar100", "food101", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_CLASSES = {"digits": 10, "cifar100": 100, "food101": 101}
+#: The embedded digits at their native 8x8, made hard enough that validation loss stays well above 0
+#: (docs/scconv.md, "The embedded digits"); image_size=32, label_noise=0, train_size=1437 is the old easy task.
+DIGITS_DEFAULTS: dict[str, Any] = {"image_size": 8, "label_noise": 0.2, "train_size": 500}
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,9 @@ class SCConvConfig:
         if self.attention is not None:
             check_choice("scconv.attention", self.attention, ATTENTIONS)
         check_choice("scconv.impl", self.impl, IMPLS)
-        check("scconv.gate_threshold", self.gate_threshold, 0.0 < self.gate_threshold < 1.0, "a number in (0, 1)")
-        check("scconv.alpha", self.alpha, 0.0 < self.alpha < 1.0, "a number in (0, 1)")
+        check("scconv.gate_threshold", self.gate_threshold,
+              is_number(self.gate_threshold) and 0.0 < self.gate_threshold < 1.0, "a number in (0, 1)")
+        check("scconv.alpha", self.alpha, is_number(self.alpha) and 0.0 < self.alpha < 1.0, "a number in (0, 1)")
         if self.gn_groups is not None:
             check("scconv.gn_groups", self.gn_groups, is_int(self.gn_groups) and self.gn_groups >= 1, "an integer >= 1")
         check("scconv.squeeze_ratio", self.squeeze_ratio, is_int(self.squeeze_ratio) and self.squeeze_ratio >= 1, "an integer >= 1")
@@ -106,10 +111,12 @@ class DataConfig:
 
     dataset: str = "digits"  #: digits (embedded), cifar100, food101, imagefolder
     data_root: str = "~/.cache/scconv-ablate/data"  #: folder holding the datasets (imagefolder: train/ and val/)
-    image_size: int | None = None  #: input side in pixels (None: the dataset's recipe: digits 32, others 224)
+    image_size: int | None = None  #: input side in pixels (None: the dataset's recipe: digits 8, others 224)
     download: bool = False  #: fetch cifar100/food101 with torchvision's downloader when missing
     num_workers: int = 0  #: DataLoader worker processes
     probe_size: int = 64  #: validation images in the fixed gate-probe batch
+    label_noise: float | None = None  #: digits only: share of train and val labels swapped for another class, fixed seed (None: digits 0.2, others 0)
+    train_size: int | None = None  #: digits only: training images kept, stratified, fixed (None: digits 500, others all)
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
@@ -117,11 +124,20 @@ class DataConfig:
             check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
         check("num_workers", self.num_workers, is_int(self.num_workers) and self.num_workers >= 0, "an integer >= 0")
         check("probe_size", self.probe_size, is_int(self.probe_size) and self.probe_size >= 1, "an integer >= 1")
+        digits = self.dataset == "digits"
+        if self.label_noise is not None:
+            check("label_noise", self.label_noise,
+                  is_number(self.label_noise) and (0 <= self.label_noise < 1 if digits else self.label_noise == 0),
+                  "a number in [0, 1)" if digits else "0 (label noise applies to the digits dataset only)")
+        if self.train_size is not None:
+            check("train_size", self.train_size, digits and is_int(self.train_size) and self.train_size >= 10,
+                  "an integer >= 10" if digits else "none (train_size applies to the digits dataset only)")
 
     def resolved(self) -> "DataConfig":
-        if self.image_size is not None:
-            return self
-        return replace(self, image_size=32 if self.dataset == "digits" else 224)
+        """Fill image_size, label_noise and train_size from the dataset's defaults where unset."""
+        defaults = DIGITS_DEFAULTS if self.dataset == "digits" else {"image_size": 224, "label_noise": 0.0}
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return replace(self, **fill) if fill else self
 
 
 #: Training presets of the study we follow (batch size by backbone family: see resolved()).
@@ -161,10 +177,10 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
             if v is not None:
-                check(name, v, isinstance(v, (int, float)) and v >= 0 and v == v, "a number >= 0")
+                check(name, v, is_number(v) and v >= 0, "a finite number >= 0")
         if self.lr is not None:
             check("lr", self.lr, self.lr > 0, "a number > 0")
-        check("lr_decay", self.lr_decay, 0 < self.lr_decay <= 1, "a number in (0, 1]")
+        check("lr_decay", self.lr_decay, is_number(self.lr_decay) and 0 < self.lr_decay <= 1, "a number in (0, 1]")
         check("seed", self.seed, is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         if self.milestones is not None:
             check(
@@ -329,7 +345,7 @@ def _coerce(section: str, name: str, value: Any) -> Any:
             if isinstance(value, (list, tuple)):
                 return tuple(int(v) for v in value)
             return (int(value),)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):
         raise ConfigError(f"{key}={value!r} is not valid; accepted: {_type_name(base)}") from None
     return value
 
@@ -349,3 +365,28 @@ def parse_assignments(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+#: Keys whose values combine in the layer rules of docs/scconv.md (a rule names one key, another may cause it).
+LAYER_RULE_KEYS = ("backbone", "placement", "scconv.preset", "scconv.gn_groups", "scconv.alpha",
+                   "scconv.squeeze_ratio", "scconv.group_size")
+_LAYER_ERROR = re.compile(r"^(?P<where>[\w.]+): (?P<key>[\w.]+)=(?P<value>\S+) is not valid: (?P<rule>.*)$")
+
+
+def blame_user_keys(error: ConfigError, user_set: Mapping[str, Any]) -> ConfigError:
+    """Reword a layer rule that names a key the user left at its default while a key the user set broke it.
+
+    ``user_set`` holds the flat keys the user gave. The result names the user's keys, the default that conflicts,
+    and the fix; any other error comes back unchanged.
+    """
+    m = _LAYER_ERROR.match(str(error))
+    if m is None or m["key"] not in LAYER_RULE_KEYS or m["key"] in user_set:
+        return error
+    mine = [k for k in LAYER_RULE_KEYS if k in user_set]
+    if not mine:
+        return error
+    rule, _, accepted = m["rule"].partition("; accepted: ")
+    yours = ", ".join(f"{k}={user_set[k]}" for k in mine)
+    fix = f"set {m['key']} too ({accepted})" if accepted else f"set {m['key']} too"
+    return ConfigError(f"{m['where']}: {yours} (set by you) conflicts with the default {m['key']}={m['value']}: "
+                       f"{rule}; fix: {fix}, or change {' or '.join(mine)}")

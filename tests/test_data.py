@@ -19,6 +19,7 @@ from torchvision import transforms as T
 
 from ablate.config import ConfigError, DataConfig
 from ablate.data import DataBundle, build_datasets, check_available, make_loaders, probe_batch
+from ablate.data.datasets import noisy_labels
 from ablate.data import stats as stats_mod
 from ablate.data.stats import cache_path, channel_moments
 from ablate.data.transforms import build_transform
@@ -113,9 +114,13 @@ def write_image_folder(root: Path, train_classes: list[str], val_classes: list[s
 # -- digits ---------------------------------------------------------------------------------------
 
 
+#: The easy task the digits were before they defaulted to 8x8 with label noise and 500 training images.
+OLD_DIGITS = {"image_size": 32, "label_noise": 0.0, "train_size": 1437}
+
+
 @pytest.fixture(scope="module")
 def digits() -> DataBundle:
-    return build_datasets(DataConfig())
+    return build_datasets(DataConfig(**OLD_DIGITS))
 
 
 def test_digits_counts_shapes_and_classes(digits):
@@ -144,12 +149,61 @@ def test_digits_normalised_with_train_stats(digits):
 
 
 def test_digits_deterministic_and_sized(digits):
-    again = build_datasets(DataConfig(data_root="/nonexistent/never-read"))
+    again = build_datasets(DataConfig(data_root="/nonexistent/never-read", **OLD_DIGITS))
     for a, b in ((digits.train, again.train), (digits.val, again.val)):
         assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
-    small = build_datasets(DataConfig(image_size=12))
+    small = build_datasets(DataConfig(**{**OLD_DIGITS, "image_size": 12}))
     assert small.val[0][0].shape == (3, 12, 12)
     assert torch.equal(small.val.tensors[1], digits.val.tensors[1])  # same validation images at any size
+
+
+@pytest.fixture(scope="module")
+def hard_digits() -> DataBundle:
+    return build_datasets(DataConfig())
+
+
+def test_digits_default_is_native_8x8_noisy_and_small(hard_digits, digits):
+    x, _ = hard_digits.train[0]
+    assert x.shape == (3, 8, 8)  # native resolution: no upsampling
+    assert (len(hard_digits.train), len(hard_digits.val)) == (500, 360)
+    # The same validation images as the clean split, about a fifth of them relabelled to another class.
+    noisy = hard_digits.val.tensors[1] != digits.val.tensors[1]
+    assert 0.15 < noisy.float().mean().item() < 0.25
+    train_counts = torch.bincount(hard_digits.train.tensors[1], minlength=10)
+    assert train_counts.min().item() >= 30  # every class is still there after subsetting and relabelling
+
+
+def test_digits_noise_and_subset_are_fixed_whatever_the_run():
+    a, b = build_datasets(DataConfig()), build_datasets(DataConfig())
+    for x, y in ((a.train, b.train), (a.val, b.val)):
+        assert torch.equal(x.tensors[0], y.tensors[0]) and torch.equal(x.tensors[1], y.tensors[1])
+
+
+def test_noisy_labels_swap_an_exact_share_for_other_classes():
+    labels = np.arange(1000) % 10
+    out = noisy_labels(labels, 10, 0.2, seed=0)
+    changed = out != labels
+    assert changed.sum() == 200 and np.all((out >= 0) & (out < 10))
+    assert np.array_equal(out, noisy_labels(labels, 10, 0.2, seed=0))
+    assert not np.array_equal(out, noisy_labels(labels, 10, 0.2, seed=1))
+    assert np.array_equal(noisy_labels(labels, 10, 0.0, seed=0), labels)
+    # The new class is uniform over the nine others: no class is favoured.
+    assert np.bincount((out[changed] - labels[changed]) % 10, minlength=10)[0] == 0
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"label_noise": 1.0}, "label_noise"), ({"label_noise": -0.1}, "label_noise"),
+    ({"dataset": "cifar100", "label_noise": 0.2}, "label_noise"), ({"train_size": 5}, "train_size"),
+    ({"dataset": "food101", "train_size": 100}, "train_size"),
+])
+def test_digits_only_fields_are_checked(values, field):
+    with pytest.raises(ConfigError, match=field):
+        DataConfig(**values)
+
+
+def test_train_size_beyond_the_split_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train_size=2000 .* \[10, 1437\]"):
+        build_datasets(DataConfig(train_size=2000))
 
 
 # -- loaders and probes --------------------------------------------------------------------------
