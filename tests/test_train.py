@@ -9,7 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from ablate.cli import main
 from ablate.config import RunConfig
+from ablate.names import SENS_KINDS, SENS_SLOPE_METRIC, sens_metric
 from ablate.train import run_training
+from ablate.train.probes import SENS_EPS
 
 # Tiny but real: the embedded digits at 16x16, three steps an epoch.
 FAST = {"dataset": "digits", "backbone": "resnet20", "image_size": 16, "batch_size": 32, "max_steps_per_epoch": 3,
@@ -56,6 +58,11 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
     np.testing.assert_allclose(hist["val_loss"], _history(client, result.run_id, "val_loss"))
     gates = pd.read_csv(client.download_artifacts(result.run_id, "gate_stats.csv", str(tmp_path)))
     assert set(gates["kind"]) == {"sru", "cru"} and set(gates["epoch"]) == {0, 1}
+    assert {"margin_share", "perturb_flip_share"} <= set(gates["stat"])
+    sens = [sens_metric(kind, eps) for kind in SENS_KINDS for eps in SENS_EPS] + [SENS_SLOPE_METRIC]
+    for key in sens:  # network-level: a metric per epoch and a history column
+        assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [0, 1], key
+        assert np.isfinite(hist[key]).all(), key
 
 
 def test_binary_gate_leaves_gamma_untrained_and_soft_trains_it(tracking_uri):
