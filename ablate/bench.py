@@ -10,7 +10,12 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   the caching allocator's peak allocated memory; on the CPU the process's peak resident set
   (VmHWM, reset after the warm-up through /proc/self/clear_refs). Nothing is subtracted: the
   Python and torch runtime, the model, its gradients and the optimizer state are in every figure.
-- ``time_ratio`` and ``memory_ratio``: against the baseline (order ``none``) of the same invocation.
+- ``compile_seconds`` (with ``compile``): what the warm-up steps took beyond as many steady steps,
+  i.e. the compilation (inductor compiles the forward on the first call and the backward on the first
+  backward); the median over rounds. Steady step times never include it.
+- ``macs``: multiply-accumulates of one image's forward (``ablate.profile.count_macs``).
+- ``time_ratio``, ``memory_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
+  invocation. ``macs_ratio`` is the floor a time ratio could reach if every MAC cost the same.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import TextIO
 
 from ablate import table
 from ablate.device import PeakMemory, resolve_device
@@ -52,7 +58,7 @@ class BenchConfig:
     warmup: int = 3  #: untimed steps before them, per round
     repeats: int = 2  #: interleaved rounds
     amp: bool = False  #: bf16 autocast (CUDA only)
-    compile: bool = False  #: torch.compile the model (CUDA only)
+    compile: bool = False  #: torch.compile the model (inductor, on CPU or CUDA)
     channels_last: bool = True  #: channels_last model and input on CUDA, as training does (ignored on CPU)
     threads: int | None = None  #: CPU threads per subprocess (None: torch's default)
     impls: tuple[str, ...] = tuple(IMPLS)  #: implementations to run; the baseline is always first
@@ -63,6 +69,8 @@ class BenchConfig:
             value = getattr(self, name)
             check(name, value, is_int(value) and value >= 1, "an integer >= 1")
         check("warmup", self.warmup, is_int(self.warmup) and self.warmup >= 0, "an integer >= 0")
+        if self.compile:  # the compilation happens in the first step; it must not land in the timed ones
+            check("warmup", self.warmup, self.warmup >= 1, "an integer >= 1 with compile")
         check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 32, "an integer >= 32")
         if self.threads is not None:
             check("threads", self.threads, is_int(self.threads) and self.threads >= 1, "an integer >= 1")
@@ -75,9 +83,8 @@ class BenchConfig:
     def resolved(self) -> "BenchConfig":
         """Device resolved, CUDA-only options checked, the baseline first; raises ConfigError."""
         device = resolve_device(self.device).type
-        for name in ("amp", "compile"):
-            if getattr(self, name) and device != "cuda":
-                raise ConfigError(f"{name}=True is not valid with device='cpu'; accepted: {name} on cuda only")
+        if self.amp and device != "cuda":
+            raise ConfigError("amp=True is not valid with device='cpu'; accepted: amp on cuda only")
         impls = ("baseline", *(i for i in self.impls if i != "baseline"))
         return replace(self, device=device, impls=impls, channels_last=self.channels_last and device == "cuda")
 
@@ -85,21 +92,27 @@ class BenchConfig:
 # -- the parent: interleaved subprocesses ----------------------------------------------------------
 
 
-def run_bench(cfg: BenchConfig) -> list[dict]:
-    """Measure every implementation in ``cfg.impls`` in interleaved rounds; one row per implementation."""
+def run_bench(cfg: BenchConfig, progress: TextIO | None = None) -> list[dict]:
+    """Measure every implementation in ``cfg.impls`` in interleaved rounds; one row per implementation.
+
+    ``progress`` (e.g. stderr) gets one line as each run starts."""
     cfg = cfg.resolved()
     from ablate.models import list_models
 
     check_choice("backbone", cfg.backbone, tuple(list_models()))
     rounds: dict[str, list[dict]] = {impl: [] for impl in cfg.impls}
-    for _ in range(cfg.repeats):
+    for i in range(cfg.repeats):
         for impl in cfg.impls:
+            if progress is not None:
+                note = ": compiling first (minutes on a CPU)" if cfg.compile else ""
+                print(f"bench: {cfg.backbone} {impl}, round {i + 1} of {cfg.repeats}{note}", file=progress, flush=True)
             rounds[impl].append(_run_worker(cfg, impl))
     return summarise(cfg, rounds)
 
 
 def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
-    """Rows from each implementation's rounds (``step_times`` and ``peak_memory_mb`` per round)."""
+    """Rows from each implementation's rounds (``step_times``, ``warmup_times``, ``peak_memory_mb`` and
+    ``macs`` per round)."""
     rows = []
     for impl, results in rounds.items():
         rows.append({
@@ -110,8 +123,10 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
             "device": cfg.device,
             "step_seconds": statistics.median(t for r in results for t in r["step_times"]),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+            "compile_seconds": statistics.median(_compile_seconds(r) for r in results) if cfg.compile else None,
+            "macs": results[0]["macs"],
             "amp": cfg.amp,
-            "compile": cfg.compile,
+            "compiled": cfg.compile,
             "channels_last": cfg.channels_last,
             "threads": results[0]["threads"],
             "steps": cfg.steps,
@@ -121,7 +136,14 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
     for row in rows:
         row["time_ratio"] = row["step_seconds"] / base["step_seconds"]
         row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+        row["macs_ratio"] = row["macs"] / base["macs"]
     return rows
+
+
+def _compile_seconds(result: dict) -> float:
+    """What one round's warm-up steps took beyond as many steady steps (the compilation, when compiled)."""
+    steady = statistics.median(result["step_times"])
+    return max(0.0, sum(result["warmup_times"]) - steady * len(result["warmup_times"]))
 
 
 def _run_worker(cfg: BenchConfig, impl: str) -> dict:
@@ -150,6 +172,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
 
     from ablate.config import ModelConfig, SCConvConfig
     from ablate.models import build_model
+    from ablate.profile import count_macs
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -159,6 +182,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
                             scconv=SCConvConfig(order=order, impl=impl_name))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(model_cfg, seed=0).to(device, memory_format=fmt).train()
+    macs = count_macs(model, cfg.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_model = torch.compile(model) if cfg.compile else model
     generator = torch.Generator().manual_seed(0)
@@ -173,9 +197,14 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
         loss.backward()
         optimizer.step()
 
-    for _ in range(cfg.warmup):
-        step()
     memory = PeakMemory(device)
+    warmup_times = []
+    for _ in range(cfg.warmup):
+        memory.sync()
+        start = time.perf_counter()
+        step()
+        memory.sync()
+        warmup_times.append(time.perf_counter() - start)
     memory.reset()
     times = []
     for _ in range(cfg.steps):
@@ -184,7 +213,8 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
         step()
         memory.sync()
         times.append(time.perf_counter() - start)
-    return {"step_times": times, "peak_memory_mb": memory.read_mb(), "threads": torch.get_num_threads()}
+    return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": memory.read_mb(), "macs": macs,
+            "threads": torch.get_num_threads()}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -192,12 +222,13 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
 _COLUMNS = [
     ("impl", "impl", str), ("backbone", "backbone", str), ("batch", "batch_size", str),
     ("image", "image_size", str), ("device", "device", str), ("amp", "amp", lambda v: "bf16" if v else "-"),
-    ("compile", "compile", lambda v: "yes" if v else "-"), ("threads", "threads", str),
+    ("compiled", "compiled", lambda v: "yes" if v else "-"), ("threads", "threads", str),
+    ("compile s", "compile_seconds", lambda v: "-" if v is None else f"{v:.0f}"),
     ("step s", "step_seconds", lambda v: f"{v:.4f}"),
     ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
-    ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
+    ("MACs x", "macs_ratio", lambda v: f"{v:.3f}"), ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
 ]
-_FIRST_NUMERIC = 8  # "step s" on: right-aligned
+_FIRST_NUMERIC = 8  # "compile s" on: right-aligned
 
 
 def format_table(rows: list[dict]) -> str:

@@ -11,18 +11,30 @@ from ablate.cli import main
 from ablate.config import ConfigError
 
 ROW_KEYS = {"impl", "backbone", "batch_size", "image_size", "device", "step_seconds", "peak_memory_mb",
-            "time_ratio", "memory_ratio"}
+            "time_ratio", "memory_ratio", "macs_ratio", "compiled", "compile_seconds"}
 
 
 @pytest.fixture(scope="module")
-def bench_rows():
+def bench_run():
     """One round of 2 timed steps of resnet20 at batch 2, 32x32, through the real command line."""
     cmd = [sys.executable, "-m", "ablate.cli", "bench", "--backbone", "resnet20", "--batch-size", "2",
            "--image-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
            "--threads", "1", "--format", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    rows = json.loads(proc.stdout)
+    return rows, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bench_rows(bench_run):
+    return bench_run[0]
+
+
+def test_progress_names_each_run_on_stderr(bench_run):
+    lines = bench_run[1].splitlines()
+    assert [line for line in lines if line.startswith("bench: ")] == [
+        f"bench: resnet20 {impl}, round 1 of 1" for impl in ("baseline", "reference", "efficient")]
 
 
 def test_rows_cover_every_impl_with_baseline_first(bench_rows):
@@ -32,6 +44,20 @@ def test_rows_cover_every_impl_with_baseline_first(bench_rows):
         assert (row["backbone"], row["batch_size"], row["image_size"], row["device"]) == ("resnet20", 2, 32, "cpu")
         assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0
         assert (row["steps"], row["repeats"], row["threads"]) == (2, 1, 1)
+        assert row["compiled"] is False and row["compile_seconds"] is None
+
+
+def test_macs_ratio_is_the_profiled_ratio(bench_rows):
+    from ablate.config import ModelConfig, SCConvConfig
+    from ablate.profile import profile_rows
+
+    base, scconv = profile_rows(ModelConfig("resnet20", num_classes=1000, scconv=SCConvConfig(order="sru_cru")), 32,
+                                compare=True)
+    by_impl = {row["impl"]: row for row in bench_rows}
+    assert by_impl["baseline"]["macs_ratio"] == 1.0
+    for impl in ("reference", "efficient"):
+        assert by_impl[impl]["macs_ratio"] == pytest.approx(scconv["macs"] / base["macs"])
+        assert by_impl[impl]["macs_ratio"] < 1.0
 
 
 def test_ratios_are_against_the_baseline(bench_rows):
@@ -43,22 +69,32 @@ def test_ratios_are_against_the_baseline(bench_rows):
 
 
 def test_summary_pools_step_times_and_takes_the_largest_peak():
-    cfg = BenchConfig(backbone="resnet20", device="cpu", impls=("baseline", "efficient")).resolved()
+    cfg = BenchConfig(backbone="resnet20", device="cpu", impls=("baseline", "efficient"), compile=True).resolved()
+    common = {"threads": 2, "warmup_times": [50.0, 3.0]}
     rounds = {
-        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "threads": 2},
-                     {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "threads": 2}],
-        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "threads": 2},
-                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "threads": 2}],
+        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "macs": 200, **common},
+                     {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "macs": 200, **common}],
+        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "macs": 130, **common},
+                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "macs": 130, **common}],
     }
     base, eff = summarise(cfg, rounds)
     assert (base["step_seconds"], base["peak_memory_mb"]) == (2.5, 120.0)  # median of 1, 2, 3, 9
     assert (eff["step_seconds"], eff["peak_memory_mb"]) == (1.0, 90.0)
     assert eff["time_ratio"] == pytest.approx(0.4) and eff["memory_ratio"] == pytest.approx(0.75)
+    assert eff["macs_ratio"] == pytest.approx(0.65) and eff["compiled"] is True
+    # Warm-up beyond two steady steps per round: 53 - 2 * 2 and 53 - 2 * 5.5 for the baseline, median 45.5.
+    assert base["compile_seconds"] == pytest.approx(45.5)
+    assert eff["compile_seconds"] == pytest.approx((53 - 2 * 1.25 + 53 - 2 * 0.75) / 2)
+
+
+def test_compile_is_accepted_on_the_cpu():
+    cfg = BenchConfig(backbone="resnet20", device="cpu", compile=True).resolved()
+    assert cfg.compile and cfg.device == "cpu"
 
 
 def test_table_has_one_line_per_row(bench_rows):
     lines = format_table(bench_rows).splitlines()
-    assert lines[0].split()[:2] == ["impl", "backbone"] and "memory" in lines[0]
+    assert lines[0].split()[:2] == ["impl", "backbone"] and "memory" in lines[0] and "MACs x" in lines[0]
     assert [line.split()[0] for line in lines[2:]] == ["baseline", "reference", "efficient"]
 
 
@@ -69,6 +105,7 @@ def test_table_has_one_line_per_row(bench_rows):
     (["--steps", "0"], "steps=0"),
     (["--image-size", "16"], "image_size=16"),
     (["--amp", "--device", "cpu"], "amp=True"),
+    (["--compile", "--warmup", "0", "--device", "cpu"], "warmup=0"),
 ])
 def test_bad_values_fail_in_one_line_with_status_2(argv, named, capsys):
     assert main(["bench", "--backbone", "resnet20", *argv]) == 2

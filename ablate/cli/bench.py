@@ -20,7 +20,7 @@ def register(sub) -> None:
                     "(order sru_cru) in its reference and efficient implementations, each in its own "
                     "subprocess, in interleaved rounds. Step time: median over timed steps; peak memory: the "
                     "CUDA allocator's peak, or on CPU the peak resident set during the timed steps (max over "
-                    "rounds); ratios against the baseline.")
+                    "rounds); ratios against the baseline, with the MAC ratio beside them.")
     p.add_argument("--backbone", required=True, help="resnet20, resnet56, resnet50, densenet121")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
@@ -30,7 +30,9 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor, CPU or CUDA); the warm-up's compile time is its own "
+                        "column, never in the step time (on a CPU a compile takes minutes)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="on CUDA keep NCHW (default: channels_last, as training does)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
@@ -56,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       amp=args.amp, compile=args.compile, channels_last=args.channels_last,
                       threads=args.threads, impls=args.impls)
     try:
-        rows = run_bench(cfg)
+        rows = run_bench(cfg, progress=sys.stderr)
     except BenchError as e:
         print(f"ablate: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
