@@ -1,5 +1,5 @@
-"""The one exception type a user can cause, and the checks that raise it with a message naming the field,
-the value and what would be accepted."""
+"""The exception types a user can cause (a bad value, an unusable checkpoint), and the checks that raise them
+with a message naming the field, the value and what would be accepted."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from typing import Any, Iterable
 
 class ConfigError(ValueError):
     """A user-caused configuration error; the message names the field, the value and what is accepted."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (unreadable, not plain data, incomplete, another run's): it stops the
+    command, also where a missing input would only be noted; the message names the checkpoint and the reason."""
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

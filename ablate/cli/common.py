@@ -8,7 +8,7 @@ import os
 import sys
 
 from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, IMPLS, ORDERS, SCCONV_PRESETS
-from ablate.errors import ConfigError
+from ablate.errors import CheckpointError, ConfigError
 
 EXIT_FAILURE = 1  #: the command ran but its work did not finish (a failed run, trials left, a crashed bench)
 EXIT_USAGE = 2  #: a user error: bad option, value, space or store
@@ -79,7 +79,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) 
         except SystemExit as e:  # usage errors and --help: a status, not an exception, for callers of main()
             return int(e.code or 0)
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
