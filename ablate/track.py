@@ -14,10 +14,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
-from urllib.parse import unquote, urlparse
+from typing import Any, Iterator, Mapping
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
-from ablate.errors import ConfigError
+from ablate.errors import ConfigError, redact_url
+from ablate.fileio import writable_problem
 from ablate.names import FAILURE_TAG, GIT_COMMIT_TAG, PARENT_RUN_TAG, ROLE_RUN, ROLE_TAG
 
 DEFAULT_STORE_DIR = "mlruns"
@@ -25,6 +26,14 @@ DEFAULT_DB = "mlflow.db"
 
 #: Run statuses as MLflow names them.
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+#: The failure reason of a run (and of its trial) stopped by Ctrl-C.
+INTERRUPTED = "interrupted"
+
+#: Seconds a tracking server or database gets to answer the first request before the command gives up.
+CONNECT_TIMEOUT_S = 5
+#: MLflow's HTTP limits for this process unless the user set them: its defaults (120 s, 7 retries with
+#: backoff) keep a command silent for minutes when the server is gone.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -41,12 +50,84 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def database_url(url: str) -> str:
-    """``url`` with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare ``postgresql://`` as
-    psycopg 3, while the ``postgres`` extra installs psycopg2."""
+    """``url`` with a PostgreSQL driver that is installed (SQLAlchemy 2.1 reads a bare ``postgresql://`` as
+    psycopg 3, while the ``postgres`` extra installs psycopg2) and a bounded ``connect_timeout``."""
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    if url.startswith("postgresql"):
+        parsed = urlparse(url)
+        query = dict(parse_qsl(parsed.query))
+        if "connect_timeout" not in query:
+            # Without it an unreachable host keeps libpq waiting for the kernel's TCP timeout (minutes).
+            query["connect_timeout"] = str(CONNECT_TIMEOUT_S)
+            url = parsed._replace(query=urlencode(query)).geturl()
     return url
+
+
+def is_http(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server rather than a database."""
+    return uri.startswith(("http://", "https://"))
+
+
+@functools.lru_cache(maxsize=None)
+def check_reachable(uri: str) -> None:
+    """Raise ConfigError within a few seconds unless the tracking server or database of ``uri`` answers.
+
+    SQLite files are not checked (see :func:`check_writable`). Only success is cached.
+    """
+    if sqlite_path(uri) is not None:
+        return
+    shown = redact_url(uri)
+    try:
+        if is_http(uri):
+            import urllib.error
+            import urllib.request
+
+            try:
+                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S).close()
+            except urllib.error.HTTPError:
+                pass  # the server answered (an auth proxy may refuse /health): it is reachable
+        else:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(database_url(uri), poolclass=sqlalchemy.pool.NullPool)
+            try:
+                engine.connect().close()
+            finally:
+                engine.dispose()
+    except Exception as e:  # noqa: BLE001 - refused, timed out, unknown host, missing driver, bad credentials
+        reason = str(getattr(e, "reason", None) or e).strip().splitlines()
+        reason_text = redact_url(reason[0] if reason else type(e).__name__)[:200]
+        what = "start the server (mlflow server ...) or check the URL" if is_http(uri) else \
+            "start the database or check the URL and credentials"
+        raise ConfigError(f"tracking_uri={shown!r} is not reachable within {CONNECT_TIMEOUT_S} s ({reason_text}); "
+                          f"{what}") from None
+
+
+def check_writable(uri: str, name: str = "tracking_uri") -> None:
+    """Raise ConfigError (creating nothing) when a ``sqlite:///`` store cannot be created or written."""
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    problem = writable_problem(db)
+    if problem:
+        raise ConfigError(f"{name}={redact_url(uri)!r} is not writable: {problem}; accepted: a sqlite:/// path in a "
+                          "folder you can write")
+
+
+@contextlib.contextmanager
+def first_use_lock(db: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``<db>.lock`` beside the database) while a fresh SQLite store gets its tables:
+    two processes opening one at the same moment would both create them, and one would fail."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -78,15 +159,34 @@ def quiet_mlflow() -> None:
 
 
 def client(uri: str | None = None):
-    """An MlflowClient on the resolved store (creates the SQLite folder when needed)."""
+    """An MlflowClient on the resolved store: a SQLite file is created (its folder too) under a lock, a server or
+    database that does not answer within a few seconds is a ConfigError."""
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow()
     uri = resolve_tracking_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if is_http(uri):
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
+    check_reachable(uri)
+    if sqlite_path(uri) is not None:
+        _open_sqlite(uri)
     return MlflowClient(tracking_uri=database_url(uri))
+
+
+@functools.lru_cache(maxsize=None)
+def _open_sqlite(uri: str) -> None:
+    """Create the schema of a SQLite store once per process, one process at a time."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with first_use_lock(db):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except OSError as e:
+        raise ConfigError(f"tracking_uri={uri!r} is not writable ({e.strerror or e}); accepted: a sqlite:/// path "
+                          "in a folder you can write") from None
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:
@@ -218,6 +318,7 @@ class TrackedRun:
             if exc_type is None:
                 self.end(FINISHED)
             elif issubclass(exc_type, KeyboardInterrupt):
+                self.set_tags({FAILURE_TAG: INTERRUPTED})
                 self.end(KILLED)
             else:
                 self.set_tags({FAILURE_TAG: exc_type.__name__})

@@ -7,6 +7,7 @@ process) is marked FAILED, and the cell is enqueued again. SQLite transactions s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -111,19 +112,21 @@ def make_storage(settings: StudySettings):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = track.sqlite_path(settings.storage_url)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None hands transaction control to SQLAlchemy; _begin_immediate then starts each one.
         engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     _, callback_arg = _retry_class()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as first_use:
             warnings.simplefilter("ignore")  # heartbeat_interval is flagged experimental
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                first_use.enter_context(track.first_use_lock(db))  # the tables of a fresh file are created here
             storage = RDBStorage(track.database_url(settings.storage_url), engine_kwargs=engine_kwargs,
                                  heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
                                  **{callback_arg: LostTrialCallback(settings.tracking_uri)})
-    except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver or an unreachable server
+    except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server, an unwritable path
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"storage={redact_url(settings.storage_url)!r} is not usable ({reason[:200]}); accepted: "
                           "sqlite:///path.db or a reachable postgresql://user@host/db") from None
