@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ablate study --space sru_cru_order
+	$(BIN)/ablate study --space sru_cru_order --workers 2
 	$(BIN)/analysis report --experiment sru_cru_order --out reports/sru_cru_order
 
 test: $(STAMP)
