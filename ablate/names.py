@@ -32,6 +32,7 @@ CELL_ATTR = "cell"  #: Optuna trial user attribute: the trial's swept values (gr
 LABEL_ATTR = "label"  #: Optuna trial user attribute: the variant label of the trial's cell
 EPOCHS_ATTR = "epochs_run"  #: Optuna trial user attribute: epochs trained so far
 SURPLUS_ATTR = "ablate_surplus"  #: Optuna trial user attribute: a worker's pop that found no cell left
+SLOT_ATTR = "ablate_slot"  #: Optuna trial user attribute: which of a sampled study's n_trials places a trial holds
 RESUME_ATTR = "resume_from_run"  #: Optuna trial user attribute: the dead attempt's run a retried trial continues
 SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings every trial shares
 
