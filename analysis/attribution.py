@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ablate.errors import ConfigError
-from ablate.names import CHECKPOINT_DIR, CHECKPOINT_NAME
+from ablate.names import CHECKPOINT_DIR
+from ablate.train.checkpoint import CHECKPOINT_ARTIFACT
 from analysis.gates import probe_masks
 
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
 DEFAULT_IMAGES = 8
 DEFAULT_RADIUS = 0.02
 DEFAULT_PERTURB = 4
@@ -166,14 +166,15 @@ def load_run_model(client, run_id: str, dst: Path):
     from ablate.train.checkpoint import load_model
 
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError(f"--run-id={run_id!r} is not a run of this tracking store; accepted: an MLflow run id") from None
     if not has_checkpoint(client, run_id):
         raise ConfigError(f"--run-id={run_id!r} has no {CHECKPOINT_ARTIFACT} artifact (trained with "
                           "log_checkpoint=false?); accepted: a run that logged its final checkpoint")
     path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(dst))
-    return load_model(path)
+    # weights_only: a crafted checkpoint is refused, never run; one of another config than the run's is refused too.
+    return load_model(path, source=f"run {run_id}", params=run.data.params)
 
 
 def probe_images(cfg, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,15 @@
-"""Shared test set-up: no telemetry, no network, never the repo's mlruns/."""
+"""Shared test set-up: no telemetry, no network beyond 127.0.0.1, never the repo's mlruns/."""
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +60,65 @@ def store(tracking_uri):
 def storage_url(tmp_path):
     """A fresh SQLite Optuna storage."""
     return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+#: Seconds a started ``mlflow server`` may take to answer /health before its tests are skipped.
+MLFLOW_SERVER_START_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, mlflow_schema):
+    """The URL of an ``mlflow server`` on 127.0.0.1 with proxied artifacts: ``SCCONV_TEST_MLFLOW_URL`` (.ci/run
+    starts one), else one started here for the session on a free port (skipped when not healthy within 60 s)."""
+    url = os.environ.get("SCCONV_TEST_MLFLOW_URL")
+    if url:
+        yield url
+        return
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_schema, root / "mlflow.db")  # a migrated schema: the server starts without alembic's minutes
+    url = f"http://127.0.0.1:{_free_port()}"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+           "--workers", "1"]
+    with (root / "server.log").open("w") as log:
+        # Its own session, so the server and the workers it spawns stop together.
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + MLFLOW_SERVER_START_S
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"mlflow server did not start within {MLFLOW_SERVER_START_S} s: "
+                            f"{(root / 'server.log').read_text()[-300:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture
+def http_tracking(mlflow_server, monkeypatch):
+    """``mlflow_server`` as the tracking URI, artifacts proxied by the server (no local artifact root)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("SCCONV_ARTIFACT_ROOT", raising=False)
+    return mlflow_server

@@ -1,7 +1,8 @@
 """The Optuna objective: one trial is one tracked training run (``run_training``) nested under the study's run.
 
 The trial keeps the run id as a user attribute and the run carries ``optuna.study`` / ``optuna.trial_number`` /
-``optuna.state`` tags (``docs/tracking.md``).
+``optuna.state`` tags (``docs/tracking.md``). A trial retried after its worker died continues the dead attempt's
+run from its last checkpoint, in a new run tagged ``ablate.resumed_from_run`` and ``ablate.resumed_from_epoch``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ablate.names import (
     OPTUNA_STATE_TAG,
     OPTUNA_STUDY_TAG,
     OPTUNA_TRIAL_TAG,
+    RESUME_ATTR,
     RUN_ID_ATTR,
     SURPLUS_ATTR,
     VARIANT_TAG,
@@ -65,7 +67,8 @@ def make_objective(settings: StudySettings, parent_id: str) -> Callable:
                 cfg, tracking_uri=settings.tracking_uri, parent_run_id=parent_id,
                 run_name=f"{settings.study_name}-{trial.number}-{label}{seed_suffix}",
                 tags={OPTUNA_STUDY_TAG: settings.study_name, OPTUNA_TRIAL_TAG: str(trial.number), VARIANT_TAG: label},
-                on_epoch=on_epoch, on_start=on_start, progress=False)
+                on_epoch=on_epoch, on_start=on_start, continue_from=trial.user_attrs.get(RESUME_ATTR),
+                progress=False)
         except optuna.TrialPruned:
             raise  # run_training ended the run KILLED with optuna.state=PRUNED
         except Exception as e:

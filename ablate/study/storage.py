@@ -1,8 +1,9 @@
 """The Optuna storage of a study: RDB heartbeats, the retry of trials whose worker died, and their MLflow runs.
 
 A trial whose worker went silent for the grace period is failed, its MLflow run (left RUNNING by the dead
-process) is marked FAILED, and the cell is enqueued again. SQLite transactions start with ``BEGIN IMMEDIATE``
-(SQLite ignores ``SELECT ... FOR UPDATE``, so two workers could otherwise pop the same trial).
+process) is marked FAILED, and the cell is enqueued again to continue from that run's last checkpoint in a new run.
+SQLite transactions start with ``BEGIN IMMEDIATE`` (SQLite ignores ``SELECT ... FOR UPDATE``, so two workers could
+otherwise pop the same trial).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from ablate.names import (
     OPTUNA_STATE_TAG,
     OPTUNA_STUDY_TAG,
     OPTUNA_TRIAL_TAG,
+    RESUME_ATTR,
     ROLE_RUN,
     ROLE_TAG,
     RUN_ID_ATTR,
+    SLOT_ATTR,
 )
 from ablate.study.settings import StudySettings
 from ablate.study.spaces import Space
@@ -56,12 +59,16 @@ class LostTrialCallback:
 
     def __call__(self, study, trial) -> None:
         fresh = copy.deepcopy(trial)
-        # The retry is a new attempt: it keeps the cell and label, not the dead attempt's run id or progress.
-        fresh.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in (CELL_ATTR, LABEL_ATTR)}
+        # The retry is a new attempt: it keeps the cell and label, and continues the dead attempt's run from its
+        # last checkpoint (or the run that attempt was continuing, when it died before starting its own).
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        fresh.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in (CELL_ATTR, LABEL_ATTR, SLOT_ATTR)}
+        resume = run_id or trial.user_attrs.get(RESUME_ATTR)
+        if resume:
+            fresh.user_attrs[RESUME_ATTR] = resume
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna flags the retry callback as experimental
             self.retry(study, fresh)
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id:
             try:
                 mark_run_lost(track.client(self.tracking_uri), run_id)

@@ -5,6 +5,7 @@ Studies call exactly this for each trial (``on_epoch`` reports to Optuna and may
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -16,15 +17,20 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ablate import track
 from ablate.config import ConfigError, RunConfig
 from ablate.device import PeakMemory, device_name, resolve_device
+from ablate.errors import CheckpointError
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT,
-    OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, VARIANT_TAG,
+    OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, VARIANT_TAG,
 )
-from ablate.train.checkpoint import load_checkpoint, save_checkpoint
+from ablate.train.checkpoint import (
+    RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
+    set_rng_state,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,12 +63,15 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                  on_start: Callable[[str], None] | None = None, resume_run_id: str | None = None,
-                 progress: bool = True) -> RunResult:
+                 continue_from: str | None = None, progress: bool = True) -> RunResult:
     """Train ``cfg`` and track it; returns the result. The MLflow run ends FINISHED, FAILED or KILLED.
 
-    ``on_epoch(epoch, metrics)`` is called after each epoch is logged (a study reports and prunes there; an
-    exception it raises ends the run, KILLED for ``optuna.TrialPruned``). ``on_start(run_id)`` is called once the
-    MLflow run exists.
+    ``on_epoch(epoch, metrics)`` is called after each epoch is logged, also for epochs restored from a checkpoint (a
+    study reports and prunes there; an exception it raises ends the run, KILLED for ``optuna.TrialPruned``).
+    ``on_start(run_id)`` is called once the MLflow run exists. ``resume_run_id`` continues that run from its
+    checkpoint (``ablate train --resume``; an unusable checkpoint is a CheckpointError before the run is touched).
+    ``continue_from`` starts a new run from the checkpoint of a run whose worker died, tagged
+    ``ablate.resumed_from_run`` (from epoch 0 when that run left no usable checkpoint).
     """
     from ablate.data import build_datasets, check_available
 
@@ -80,26 +89,36 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
         cfg = replace(cfg, model=replace(cfg.model, num_classes=bundle.num_classes))
     model = _build(cfg, device)
     client = client or track.client(tracking_uri)  # only now: bad input above leaves the store untouched
+    if continue_from:
+        resume_state = _load_continue(client, continue_from, cfg)
 
+    trainer = _Trainer(cfg, model, bundle, device, progress)
+    resumed: dict[str, str] = {}
     if resume_state is not None:
+        # Every part of the state is loaded before any run changes: a checkpoint that does not fit changes nothing.
+        trainer.restore(resume_state, f"run {resume_run_id or continue_from}")
+        resumed[RESUMED_FROM_EPOCH_TAG] = str(trainer.start_epoch)
+    if resume_run_id:
         run = track.TrackedRun.reopen(client, resume_run_id)
+        run.set_tags(resumed)
     else:
+        if resume_state is not None:
+            resumed[RESUMED_FROM_RUN_TAG] = continue_from
         experiment_id = track.ensure_experiment(client, cfg.experiment)
         run = track.TrackedRun.start(
             client, experiment_id, run_name or cfg.run_name or cfg.label(), cfg.to_params(),
-            {VARIANT_TAG: cfg.label(), DEVICE_TAG: device_name(device), **(tags or {})},
+            {VARIANT_TAG: cfg.label(), DEVICE_TAG: device_name(device), **(tags or {}), **resumed},
             parent_run_id=parent_run_id,
         )
     if on_start is not None:
         on_start(run.run_id)
-    trainer = _Trainer(cfg, model, bundle, device, run, progress)
+    trainer.attach(run)
     with run:
         run.start_system_metrics()
-        if resume_state is not None:
-            trainer.restore(resume_state)
-        else:
+        if not resume_run_id:
             _log_json(run, cfg.to_dict(), CONFIG_ARTIFACT)
         try:
+            trainer.log_restored_epochs(on_epoch)
             trainer.fit(on_epoch)
         except NonFiniteLoss as exc:
             run.set_tags({FAILURE_TAG: "nonfinite_loss"})
@@ -137,33 +156,45 @@ def _log_json(run: track.TrackedRun, payload: Any, name: str) -> None:
 
 
 def _load_resume(client, run_id: str) -> tuple[RunConfig, dict]:
-    """The config and checkpoint of run ``run_id``, for ``--resume``."""
+    """The config and checkpoint of run ``run_id`` (from any artifact store), checked against its params."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError(f"resume={run_id!r} is not valid: no such run in {client.tracking_uri}") from None
-    ckpt = _checkpoint_path(run.info.artifact_uri)
-    if ckpt is None or not ckpt.exists():
+    state = fetch_checkpoint(client, run_id, RESUME_KEYS)
+    if state is None:
         raise ConfigError(f"resume={run_id!r} is not valid: the run has no checkpoint to resume from")
-    state = load_checkpoint(ckpt)
-    return RunConfig.from_dict(state["config"]), state
+    cfg = checkpoint_config(state, f"run {run_id}")
+    check_matches(cfg, run.data.params, f"run {run_id}", "the run's logged params")
+    return cfg, state
 
 
-def _checkpoint_path(artifact_uri: str) -> Path | None:
-    local = track.local_artifact_dir(artifact_uri)
-    return None if local is None else local / CHECKPOINT_DIR / CHECKPOINT_NAME
+def _load_continue(client, run_id: str, cfg: RunConfig) -> dict | None:
+    """The checkpoint a retried trial continues from: run ``run_id``'s, if it has one that fits ``cfg``."""
+    import logging
+
+    source = f"run {run_id}"
+    try:
+        state = fetch_checkpoint(client, run_id, RESUME_KEYS)
+        if state is not None:
+            check_matches(checkpoint_config(state, source), cfg.to_params(), source, "this trial")
+            check_matches(cfg, client.get_run(run_id).data.params, source, "that run's logged params")
+        return state
+    except CheckpointError as e:  # the retry still trains the cell, from the start
+        logging.getLogger(__name__).warning("%s; training from epoch 0", e)
+        return None
 
 
 class _Trainer:
     """The state of one run between epochs: optimiser, scheduler, history, probes, predictions."""
 
-    def __init__(self, cfg: RunConfig, model, bundle, device: torch.device, run: track.TrackedRun, progress: bool):
+    def __init__(self, cfg: RunConfig, model, bundle, device: torch.device, progress: bool):
         from ablate.data import make_loaders, probe_batch
         from ablate.train.probes import GateProbe, SensitivityProbe
 
-        self.cfg, self.model, self.device, self.run, self.progress = cfg, model, device, run, progress
+        self.cfg, self.model, self.device, self.progress = cfg, model, device, progress
         t = cfg.train
         self.amp = t.amp and device.type == "cuda"
         self.channels_last = t.channels_last and device.type == "cuda"
@@ -181,46 +212,77 @@ class _Trainer:
         self.losses: list[np.ndarray] = []
         self.target: np.ndarray | None = None
         self.start_epoch = 0
+        self.feed = _EpochFeed(self)
         self.memory = PeakMemory(device)
-        self.workdir = Path(tempfile.mkdtemp(prefix="ablate-run-"))
-        local = track.local_artifact_dir(run.artifact_uri)
-        # Checkpoints go straight into a local artifact store (resumable by run id); else a temp dir.
-        self.ckpt_path = (local or self.workdir) / CHECKPOINT_DIR / CHECKPOINT_NAME
+        self.run: track.TrackedRun | None = None
         seed_everything(t.seed)
         if self.probe.active:
             self.probe.baseline_masks(device)
 
     # -- checkpoint -------------------------------------------------------------------------
 
-    def state(self, epoch: int) -> dict:
+    def attach(self, run: track.TrackedRun) -> None:
+        """Track into ``run``: checkpoints go straight into a local artifact store, else to a temp folder and are
+        uploaded after each write (an HTTP server or a cloud store then holds the latest one during the run)."""
+        self.run = run
+        self.workdir = Path(tempfile.mkdtemp(prefix="ablate-run-"))
+        local = track.local_artifact_dir(run.artifact_uri)
+        self.upload = local is None
+        self.ckpt_path = (local or self.workdir) / CHECKPOINT_DIR / CHECKPOINT_NAME
+
+    def state(self, epoch: int, step: int | None = None) -> dict:
+        """The checkpoint after ``step`` batches of ``epoch`` (None: the epoch is complete), as plain data only."""
         return {
-            "config": self.cfg.to_dict(), "epoch": epoch, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "history": self.history, "gate_rows": self.gate_rows, "probe": self.probe.state_dict(),
-            "preds": self.preds, "losses": self.losses, "target": self.target,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": self.cfg.to_dict(), "epoch": epoch, "step": step,
+            "train_sums": self.feed.sums() if step is not None else None,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "probe": self.probe.state_dict(),
+            "history": [{k: float(v) for k, v in row.items()} for row in self.history],
+            "gate_rows": [(int(e), str(layer), str(kind), str(stat), float(v))
+                          for e, layer, kind, stat, v in self.gate_rows],
+            "preds": [torch.from_numpy(p) for p in self.preds], "losses": [torch.from_numpy(x) for x in self.losses],
+            "target": None if self.target is None else torch.from_numpy(self.target), "rng": rng_state(),
         }
 
-    def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.probe.load_state_dict(state["probe"])
-        self.history, self.gate_rows = state["history"], state["gate_rows"]
-        self.preds, self.losses, self.target = state["preds"], state["losses"], state["target"]
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.start_epoch = state["epoch"] + 1
-        # Epochs checkpointed but not yet logged (killed in between) are logged now, so each has one point.
+    def save(self, epoch: int, step: int | None = None) -> None:
+        """Write the checkpoint atomically and, for a remote artifact store, upload it."""
+        save_checkpoint(self.ckpt_path, self.state(epoch, step))
+        if self.upload:
+            self.run.log_artifact(self.ckpt_path, CHECKPOINT_DIR)
+        self.feed.last_save = time.monotonic()
+
+    def restore(self, state: dict, source: str) -> None:
+        """Load a checkpoint; weights or optimizer state that do not fit are a CheckpointError."""
+        load_weights(self.model, state["model"], source)
+        load_weights(self.optimizer, state["optimizer"], source, "optimizer state")
+        load_weights(self.scheduler, state["scheduler"], source, "scheduler state")
+        load_weights(self.probe, state["probe"], source, "gate probe state")
+        try:
+            self.history = [dict(row) for row in state["history"]]
+            self.gate_rows = [tuple(row) for row in state["gate_rows"]]
+            self.preds = [p.numpy() for p in state["preds"]]
+            self.losses = [x.numpy() for x in state["losses"]]
+            self.target = None if state["target"] is None else state["target"].numpy()
+            set_rng_state(state["rng"])
+            epoch, step = int(state["epoch"]), state["step"]
+            self.feed.resume_at(step, state["train_sums"], state["rng"])
+        except (TypeError, KeyError, ValueError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{source}: checkpoint is not usable (damaged training state: "
+                                  f"{type(e).__name__}: {str(e)[:120]})") from None
+        if len(self.history) != (epoch + 1 if step is None else epoch):
+            raise CheckpointError(f"{source}: checkpoint is not usable (history of {len(self.history)} epochs at "
+                                  f"epoch {epoch})")
+        self.start_epoch = epoch + 1 if step is None else epoch
+
+    def log_restored_epochs(self, on_epoch) -> None:
+        """Log the restored epochs the run lacks (all of them in a new run), one point each, and replay them."""
         logged = self.run.last_logged_step("val_loss")
         for epoch, row in enumerate(self.history):
+            metrics = _epoch_metrics(row, self.gate_rows, epoch)
             if epoch > logged:
-                self.run.log_metrics(_epoch_metrics(row, self.gate_rows, epoch), step=epoch)
+                self.run.log_metrics(metrics, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
 
     # -- epochs -----------------------------------------------------------------------------
 
@@ -234,16 +296,21 @@ class _Trainer:
                                                                                    t.max_steps_per_epoch)
         bar = tqdm(range(self.start_epoch, t.epochs), initial=self.start_epoch, total=t.epochs, unit="epoch",
                    desc=self.cfg.label(), disable=not self.progress, dynamic_ncols=True)
+        self.feed.last_save = time.monotonic()
         for epoch in bar:
             # Reseeding the data order per epoch makes a resumed run see the same batches as an uninterrupted one.
             self.train_loader.generator.manual_seed(t.seed * 100_003 + epoch)
             self.memory.reset()
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            with tqdm(total=steps, unit="step", leave=False, disable=not self.progress, dynamic_ncols=True) as inner:
+            skip = self.feed.begin(epoch, steps)
+            with tqdm(total=steps, initial=skip, unit="step", leave=False, disable=not self.progress,
+                      dynamic_ncols=True) as inner, self.feed.counting():
                 train_loss, train_acc = train_one_epoch(
-                    self.model, self.train_loader, self.optimizer, self.device, amp=self.amp,
-                    channels_last=self.channels_last, max_steps=t.max_steps_per_epoch, progress=inner)
+                    self.model, self.feed, self.optimizer, self.device, amp=self.amp,
+                    channels_last=self.channels_last, max_steps=steps - skip, progress=inner)
+            if skip:  # the epoch began in an earlier process: its mean covers every batch
+                train_loss, train_acc = self.feed.means()
             if not np.isfinite(train_loss):
                 raise NonFiniteLoss(f"training loss is {train_loss} at epoch {epoch}")
             self.scheduler.step()
@@ -251,18 +318,18 @@ class _Trainer:
                               channels_last=self.channels_last)
             if not np.isfinite(result.loss):
                 raise NonFiniteLoss(f"validation loss is {result.loss} at epoch {epoch}")
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + self.feed.earlier_seconds
             gates = self.probe.measure(self.device, autocast(self.device, self.amp))
             row = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": result.loss, "val_acc": result.acc,
                    "lr": lr, "epoch_seconds": seconds, "peak_memory_mb": self.memory.read_mb(),
-                   **self.sensitivity.measure(self.device, autocast(self.device, self.amp))}
+                   **self.sensitivity.measure(self.device)}
             self.history.append(row)
             for key, value in gates.items():
                 self.gate_rows.append((epoch, key.layer, key.kind, key.stat, value))
             self.preds.append(result.pred.astype(np.int16 if self.cfg.model.num_classes < 2**15 else np.int32))
             self.losses.append(result.example_loss.astype(np.float16))
             self.target = result.target
-            save_checkpoint(self.ckpt_path, self.state(epoch))
+            self.save(epoch)
             metrics = {**row, **{key.metric_name(): value for key, value in gates.items()}}
             self.run.log_metrics(metrics, step=epoch)
             bar.set_postfix(val_loss=f"{result.loss:.4f}", val_acc=f"{result.acc:.3f}")
@@ -272,7 +339,8 @@ class _Trainer:
     # -- artifacts --------------------------------------------------------------------------
 
     def finish_artifacts(self, keep_checkpoint: bool) -> None:
-        """Log the history, gate statistics and predictions artifacts; keep or drop the checkpoint."""
+        """Log the history, gate statistics and predictions artifacts; keep or drop the checkpoint (uploaded at
+        every write, so nothing is left to upload here)."""
         import pandas as pd
 
         out = self.workdir / "out"
@@ -285,12 +353,109 @@ class _Trainer:
                                 target=self.target)
             for path in sorted(out.iterdir()):
                 self.run.log_artifact(path)
-        local_ckpt = track.local_artifact_dir(self.run.artifact_uri) is not None
-        if keep_checkpoint and not local_ckpt and self.ckpt_path.exists():
-            self.run.log_artifact(self.ckpt_path, CHECKPOINT_DIR)
-        if not keep_checkpoint and local_ckpt:
-            shutil.rmtree(self.ckpt_path.parent, ignore_errors=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_checkpoint:
+            _delete_checkpoint(self.run, self.ckpt_path, self.upload)
+        shutil.rmtree(self.workdir, ignore_errors=True)  # the temp copy of an uploaded checkpoint goes too
+
+
+class _EpochFeed:
+    """The training batches of one epoch as ``train_one_epoch`` sees them.
+
+    Between two steps it writes a checkpoint once ``checkpoint_every_minutes`` passed since the last one. An epoch
+    resumed from such a checkpoint skips the batches already trained (same order, same augmentations), and its
+    training loss and accuracy still cover every batch: they are summed here per step, as the loop sums them.
+    """
+
+    def __init__(self, trainer: "_Trainer"):
+        self.trainer = trainer
+        self.last_save = time.monotonic()
+        self.epoch = self.steps = self.skip = self.resume_step = self.seen = 0
+        self.resume_sums: dict | None = None
+        self.resume_rng: dict | None = None
+        self.pending: torch.Tensor | None = None
+        self.loss_sum = self.correct = torch.zeros(())
+        self.earlier_seconds, self.started = 0.0, time.perf_counter()
+
+    def resume_at(self, step: int | None, sums: dict | None, rng: dict) -> None:
+        """Continue inside an epoch after ``step`` batches (None: at an epoch's end) with a checkpoint's sums."""
+        self.resume_step = int(step or 0)
+        self.resume_sums, self.resume_rng = (dict(sums), rng) if step else (None, None)
+
+    def begin(self, epoch: int, steps: int) -> int:
+        """Start ``epoch`` of ``steps`` batches; returns how many of them a mid-epoch checkpoint already trained."""
+        sums = self.resume_sums or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.epoch, self.steps, self.skip, self.resume_step, self.resume_sums = epoch, steps, self.resume_step, 0, None
+        device = self.trainer.device
+        # On the device, like the loop's own sums, so counting never waits for the GPU.
+        self.loss_sum = torch.tensor(float(sums["loss_sum"]), dtype=torch.float64, device=device)
+        self.correct = torch.tensor(int(sums["correct"]), dtype=torch.int64, device=device)
+        self.seen, self.earlier_seconds = int(sums["seen"]), float(sums["seconds"])
+        self.started = time.perf_counter()
+        return self.skip
+
+    def sums(self) -> dict:
+        """What the epoch trained so far, for a mid-epoch checkpoint."""
+        return {"loss_sum": float(self.loss_sum), "correct": int(self.correct), "seen": self.seen,
+                "seconds": self.earlier_seconds + time.perf_counter() - self.started}
+
+    def means(self) -> tuple[float, float]:
+        """(mean training loss, accuracy) over every batch of the epoch, also those trained before a resume."""
+        return float(self.loss_sum) / max(self.seen, 1), int(self.correct) / max(self.seen, 1)
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Sum each training step's loss and correct predictions while the epoch runs."""
+        handle = self.trainer.model.register_forward_hook(self._count)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.pending = None
+
+    def _count(self, module, inputs, output) -> None:
+        if not module.training or self.pending is None:
+            return
+        y, self.pending = self.pending.to(output.device, non_blocking=True), None
+        logits = output.detach()
+        self.loss_sum += F.cross_entropy(logits, y).double() * y.numel()  # the loop's own loss expression
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += y.numel()
+
+    def __iter__(self):
+        batches = iter(self.trainer.train_loader)
+        for _ in range(self.skip):
+            next(batches)
+        if self.skip:
+            set_rng_state(self.resume_rng)  # the skipped batches drew their augmentations; continue from the save
+        every = self.trainer.cfg.checkpoint_every_minutes * 60
+        step = self.skip
+        while True:
+            # Here the previous step's optimizer update is done and the next batch not yet drawn.
+            if self.skip < step < self.steps and time.monotonic() - self.last_save >= every:
+                self.trainer.save(self.epoch, step)
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            self.pending = y
+            yield x, y
+            step += 1
+
+
+def _delete_checkpoint(run: track.TrackedRun, path: Path, uploaded: bool) -> None:
+    """Remove a run's checkpoint: the local file, and the uploaded copy from a remote artifact store."""
+    import logging
+
+    written = path.exists()
+    shutil.rmtree(path.parent, ignore_errors=True)
+    if not (uploaded and written):
+        return
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(run.artifact_uri, tracking_uri=run.client.tracking_uri).delete_artifacts(CHECKPOINT_DIR)
+    except Exception as e:  # noqa: BLE001 - a store that cannot delete keeps it; the run's result stands
+        logging.getLogger(__name__).warning("could not delete the checkpoint of run %s: %s", run.run_id, e)
 
 
 def _epoch_metrics(row: dict[str, float], gate_rows, epoch: int) -> dict[str, float]:
