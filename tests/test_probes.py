@@ -73,6 +73,15 @@ def test_default_perturbation_is_small_and_fixed():
     assert 0.0 < stats[GateKey("sru", "0", "margin_share")] < 0.2
 
 
+def test_perturb_flip_share_runs_in_float32_under_autocast():
+    """A 1e-3 perturbation is near bf16 rounding (a bf16 conv before the SRU changes the flip count here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), SRU(8, SCConvConfig(gate_mode="binary", gn_groups=2)))
+    probe = GateProbe(model, torch.randn(64, 8, 8, 8, generator=torch.Generator().manual_seed(2)))
+    key = GateKey("sru", "1", "perturb_flip_share")
+    assert probe.measure(CPU, torch.autocast("cpu", dtype=torch.bfloat16))[key] == probe.measure(CPU)[key] > 0
+
+
 # -- sensitivity --------------------------------------------------------------------------------------------
 
 

@@ -128,16 +128,20 @@ class GateProbe:
             return {}
         out: dict[GateKey, float] = {}
         captures = capture_gates(self.model, self.probe_x.to(device), autocast_ctx)
-        perturbed = {}
+        flips = {}
         if any(cap.kind == "sru" for cap in captures):
-            perturbed = {cap.layer: cap.mask for cap in capture_gates(self.model, self.perturbed_x.to(device),
-                                                                       autocast_ctx) if cap.kind == "sru"}
+            # A 1e-3 perturbation is below bf16's resolution, so both passes of this comparison run in float32.
+            low_precision = isinstance(autocast_ctx, torch.autocast)
+            clean = capture_gates(self.model, self.probe_x.to(device)) if low_precision else captures
+            perturbed = capture_gates(self.model, self.perturbed_x.to(device))
+            flips = {a.layer: float((a.mask != b.mask).float().mean())
+                     for a, b in zip(clean, perturbed) if a.kind == "sru"}
         for cap in captures:
-            stats = self._sru_stats(cap, perturbed[cap.layer]) if cap.kind == "sru" else _cru_stats(cap)
+            stats = self._sru_stats(cap, flips[cap.layer]) if cap.kind == "sru" else _cru_stats(cap)
             out.update({GateKey(cap.kind, cap.layer, stat): value for stat, value in stats.items()})
         return out
 
-    def _sru_stats(self, cap: GateCapture, perturbed_mask: torch.Tensor) -> dict[str, float]:
+    def _sru_stats(self, cap: GateCapture, perturb_flip: float) -> dict[str, float]:
         sru = cap.module
         r = cap.r.float()
         mask = cap.mask.cpu()
@@ -151,7 +155,7 @@ class GateProbe:
             "near_threshold_share": float(((r - sru.threshold).abs() < NEAR_THRESHOLD).float().mean()),
             "margin_share": margin_share(r, sru.threshold),
             "flip_share": flip,
-            "perturb_flip_share": float((mask != perturbed_mask.cpu()).float().mean()),
+            "perturb_flip_share": perturb_flip,
             "gamma_min": float(gamma.min()),
             "gamma_max": float(gamma.max()),
             "gamma_sum": float(gamma.sum()),
@@ -191,24 +195,24 @@ class SensitivityProbe:
         self.direction = rms(probe_x) * u / rms(u)
 
     @torch.no_grad()
-    def measure(self, device: torch.device, autocast_ctx=None) -> dict[str, float]:
-        """One eval forward of the batch and one per eps; metric name -> value (ablate.names.sens_metric)."""
+    def measure(self, device: torch.device) -> dict[str, float]:
+        """One eval forward of the batch and one per eps, in float32 whatever the run's autocast (1e-4 is
+        below bf16's resolution); metric name -> value (ablate.names.sens_metric)."""
         was_training = self.model.training
         self.model.eval()
         x, y, u = self.x.to(device), self.y.to(device), self.direction.to(device)
         out: dict[str, float] = {}
         outs = []
         try:
-            with autocast_ctx if autocast_ctx is not None else nullcontext():
-                f0 = self.model(x).float()
-                loss0 = F.cross_entropy(f0, y)
-                for eps in self.eps:
-                    delta = eps * u
-                    f = self.model(x + delta).float()
-                    ratio = (f - f0).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
-                    outs.append(float(ratio.mean()))
-                    out[sens_metric("out", eps)] = outs[-1]
-                    out[sens_metric("loss", eps)] = float((F.cross_entropy(f, y) - loss0).abs()) / eps
+            f0 = self.model(x).float()
+            loss0 = F.cross_entropy(f0, y)
+            for eps in self.eps:
+                delta = eps * u
+                f = self.model(x + delta).float()
+                ratio = (f - f0).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
+                outs.append(float(ratio.mean()))
+                out[sens_metric("out", eps)] = outs[-1]
+                out[sens_metric("loss", eps)] = float((F.cross_entropy(f, y) - loss0).abs()) / eps
         finally:
             self.model.train(was_training)
         out[SENS_SLOPE_METRIC] = log_log_slope(self.eps, outs)
