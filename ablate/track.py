@@ -71,10 +71,9 @@ def is_http(uri: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def check_reachable(uri: str) -> None:
-    """Raise ConfigError within a few seconds unless the tracking server or database of ``uri`` answers.
-
-    SQLite files are not checked (see :func:`check_writable`). Only success is cached.
+def check_reachable(uri: str, name: str = "tracking_uri") -> None:
+    """Raise ConfigError (naming the option ``name``) within a few seconds unless the tracking server or database
+    of ``uri`` answers. SQLite files are not checked (see :func:`check_writable`). Only success is cached.
     """
     if sqlite_path(uri) is not None:
         return
@@ -101,7 +100,7 @@ def check_reachable(uri: str) -> None:
         reason_text = redact_url(reason[0] if reason else type(e).__name__)[:200]
         what = "start the server (mlflow server ...) or check the URL" if is_http(uri) else \
             "start the database or check the URL and credentials"
-        raise ConfigError(f"tracking_uri={shown!r} is not reachable within {CONNECT_TIMEOUT_S} s ({reason_text}); "
+        raise ConfigError(f"{name}={shown!r} is not reachable within {CONNECT_TIMEOUT_S} s ({reason_text}); "
                           f"{what}") from None
 
 

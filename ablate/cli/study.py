@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 
 from ablate import track
@@ -65,18 +66,24 @@ def _settings(args: argparse.Namespace, **extra):
     check("workers", workers, workers >= 1, "an integer >= 1")
     heartbeat = getattr(args, "heartbeat", 10)
     check("heartbeat", heartbeat, heartbeat >= 1, "an integer >= 1 (seconds)")
+    storage_url, tracking_uri = resolve_storage(args.storage), track.resolve_tracking_uri(args.tracking_uri)
+    track.check_writable(storage_url, "storage")
+    track.check_writable(tracking_uri)
     return StudySettings(
-        space=space, storage_url=resolve_storage(args.storage), tracking_uri=track.resolve_tracking_uri(args.tracking_uri),
-        study_name=args.study_name or space.name, overrides=overrides, n_trials=n_trials, workers=workers,
-        heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **extra)
+        space=space, storage_url=storage_url, tracking_uri=tracking_uri, study_name=args.study_name or space.name,
+        overrides=overrides, n_trials=n_trials, workers=workers, heartbeat_interval=heartbeat,
+        grace_period=3 * heartbeat, **extra)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """Run the study; exit 0 when no trial is left queued or running, else 1."""
+    """Run the study; exit 0 when no trial is left queued or running and not every trial failed, else 1."""
     from ablate.study import check_data, format_trial_table, pending_trials, run_study
+    from ablate.study.table import failure_summary
 
     settings = _settings(args, progress=not args.quiet)
     check_data(settings)
+    track.check_reachable(settings.storage_url, "storage")
+    track.check_reachable(settings.tracking_uri)
     start = time.perf_counter()
     study = run_study(settings)
     wall = time.perf_counter() - start
@@ -89,7 +96,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         report += f" --tracking-uri {shlex.quote(settings.tracking_uri)}"
     print(f"open the MLflow UI: {ui_command(settings.tracking_uri)}")
     print(f"make the report:    {report}")
-    return EXIT_FAILURE if pending else 0
+    failures, every_trial_failed = failure_summary(study)
+    if failures:
+        print(f"study {settings.study_name}: {failures}", file=sys.stderr)
+    return EXIT_FAILURE if pending or every_trial_failed else 0
 
 
 def cmd_spaces(args: argparse.Namespace) -> int:

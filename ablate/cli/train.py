@@ -7,7 +7,8 @@ import argparse
 from ablate import track
 from ablate.cli.common import EXIT_FAILURE, add_scconv_args, add_tracking_uri, choices_type, scconv_overrides
 from ablate.cli.ui import ui_command
-from ablate.config import DATASETS, DEVICES, RunConfig, field_docs, parse_assignments
+from ablate.config import DATASETS, DEVICES, RunConfig, blame_user_keys, field_docs, parse_assignments
+from ablate.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -47,23 +48,38 @@ _ARG_KEYS = {"dataset": "dataset", "data_root": "data_root", "download": "downlo
              "image_size": "image_size", "seed": "seed", "device": "device", "experiment": "experiment"}
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config: defaults, then the named options, then --set (the last word wins)."""
+def user_settings(args: argparse.Namespace) -> dict:
+    """The flat config keys the user gave: the named options, then --set (the last word wins)."""
     flat = {key: getattr(args, attr) for attr, key in _ARG_KEYS.items() if getattr(args, attr) is not None}
     flat.update(scconv_overrides(args))
     if args.no_checkpoint:
         flat["log_checkpoint"] = False
     flat.update(parse_assignments(args.assignments))
-    return RunConfig.from_dict(flat)
+    return flat
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config: defaults, then the named options, then --set (the last word wins)."""
+    return RunConfig.from_dict(user_settings(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run and print its outcome; 1 when it did not end FINISHED."""
     from ablate.train import run_training
 
-    cfg = config_from_args(args)
+    flat = user_settings(args)
+    cfg = RunConfig.from_dict(flat)
     uri = track.resolve_tracking_uri(args.tracking_uri)
-    result = run_training(cfg, tracking_uri=uri, resume_run_id=args.resume, progress=not args.quiet)
+    track.check_writable(uri)
+    db = track.sqlite_path(uri)
+    if args.resume and db is not None and not db.is_file():
+        raise ConfigError(f"resume={args.resume!r} is not valid: the tracking store {db} does not exist; accepted: "
+                          "the id of a run in the store given by --tracking-uri")
+    track.check_reachable(uri)
+    try:
+        result = run_training(cfg, tracking_uri=uri, resume_run_id=args.resume, progress=not args.quiet)
+    except ConfigError as e:
+        raise blame_user_keys(e, flat) from None
     final = result.final
     summary = (f"run {result.run_id} {result.status} after {result.epochs_run} epochs"
                + (f": val_loss {final['val_loss']:.4f}, val_acc {final['val_acc']:.4f}" if final else "")

@@ -1,19 +1,25 @@
-"""Grid cells: labels, which trial holds a cell, enqueueing the missing ones, and the cells a space cannot build.
+"""Grid cells and sampled places: labels, which trial holds a cell or place, enqueueing the missing ones, and the
+cells a space cannot build.
 
-Grid spaces are *enqueued*: the parent puts every missing cell in the storage as a WAITING trial, and workers
-only pop WAITING trials, so a cell is trained once also with many workers on many machines (Optuna's
-GridSampler alone repeats cells under parallel workers). A popped cell that an earlier trial already holds is
-given up (two parents that enqueued at the same time).
+Every trial is *enqueued*: the parent puts every missing grid cell (or, for a sampled space, every missing one of
+its ``n_trials`` places, without params) in the storage as a WAITING trial, and workers only pop WAITING trials.
+So a cell is trained once and a sampled study runs exactly ``n_trials``, also with many workers on many machines
+(Optuna's GridSampler alone repeats cells under parallel workers, and workers that each create a trial while the
+count looks short overshoot). A popped cell or place that an earlier trial already holds is given up (two parents
+that enqueued at the same time).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import Any
 
+from ablate.config import ModelConfig, blame_user_keys
 from ablate.errors import ConfigError
-from ablate.names import CELL_ATTR, FAILURE_ATTR, LABEL_ATTR, SKIPPED_CELLS_ARTIFACT, SURPLUS_ATTR
+from ablate.names import CELL_ATTR, FAILURE_ATTR, LABEL_ATTR, SKIPPED_CELLS_ARTIFACT, SLOT_ATTR, SURPLUS_ATTR
 from ablate.study.settings import StudySettings
 from ablate.study.spaces import Space
 
@@ -67,17 +73,47 @@ def finished_cells(trials, by_cell: bool) -> tuple[int, int]:
 
 def cell_problem(settings: StudySettings, cell: dict[str, Any]) -> str | None:
     """Why a cell cannot be built (a layer rule it breaks), or None when it can."""
+    try:
+        cfg = settings.space.run_config(cell, settings.overrides, settings.study_name).resolved()
+    except ConfigError as e:
+        return str(e)
+    return model_problem(cfg.model)
+
+
+@functools.lru_cache(maxsize=1024)
+def model_problem(model: ModelConfig) -> str | None:
+    """Why ``model`` cannot be built, or None; cached, since cells that differ only in seed share a model."""
     import torch
 
     from ablate.models import build_model
 
     try:
-        cfg = settings.space.run_config(cell, settings.overrides, settings.study_name).resolved()
         with torch.device("meta"):  # validation needs shapes, not memory
-            build_model(cfg.model)
+            build_model(model)
     except ConfigError as e:
         return str(e)
     return None
+
+
+def check_cells(settings: StudySettings) -> None:
+    """Raise ConfigError, before anything is created, when ``--set`` makes a grid cell unbuildable that the space
+    alone builds, or when no cell can be built. Cells the space itself cannot build are skipped (and logged)."""
+    space = settings.space
+    if not space.is_grid:
+        return
+    cells = space.cells()
+    problems = [cell_problem(settings, cell) for cell in cells]
+    if settings.overrides:
+        bare = dataclasses.replace(settings, overrides={})
+        given = " ".join(f"{k}={v}" for k, v in settings.overrides.items())
+        for cell, problem in zip(cells, problems):
+            if problem and cell_problem(bare, cell) is None:
+                reason = blame_user_keys(ConfigError(problem), settings.overrides)
+                raise ConfigError(f"--set {given} makes cell {cell} of space {space.name!r} unbuildable: {reason}; "
+                                  "accepted: settings that every cell the space builds can build")
+    if cells and all(problems):
+        raise ConfigError(f"space {space.name!r} has no cell that can be built ({len(cells)} cells; the first: "
+                          f"{problems[0]}); accepted: a space and --set with at least one buildable cell")
 
 
 def enqueue_missing_cells(study, settings: StudySettings) -> list[tuple[dict, str]]:
@@ -98,6 +134,33 @@ def enqueue_missing_cells(study, settings: StudySettings) -> list[tuple[dict, st
         study.enqueue_trial(cell, user_attrs={CELL_ATTR: cell, LABEL_ATTR: cell_label(settings.space, cell)})
         budget = None if budget is None else budget - 1
     return skipped
+
+
+def enqueue_missing_slots(study, settings: StudySettings) -> int:
+    """Enqueue a params-free trial for every place of a sampled study's ``n_trials`` that no trial holds; returns
+    how many. The sampler fills in the params when a worker pops one."""
+    n_trials = settings.n_trials or settings.space.n_trials
+    counted = counted_trials(study.get_trials(deepcopy=False))
+    held = {t.user_attrs[SLOT_ATTR] for t in counted if SLOT_ATTR in t.user_attrs}
+    free = [i for i in range(n_trials) if i not in held][:max(0, n_trials - len(counted))]
+    for slot in free:
+        study.enqueue_trial({}, user_attrs={SLOT_ATTR: slot})
+    return len(free)
+
+
+def counted_trials(trials) -> list:
+    """The trials that count toward ``n_trials``: neither surplus pops nor attempts that were retried."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and t.number not in retried]
+
+
+def claim_slot(trial) -> bool:
+    """Whether a popped trial of a sampled study holds its place: enqueued with one that no earlier trial holds."""
+    slot = trial.user_attrs.get(SLOT_ATTR)
+    if slot is None:
+        return False  # created by a worker whose pop found the queue empty
+    return not any(other.number < trial.number and other.user_attrs.get(SLOT_ATTR) == slot
+                   for other in counted_trials(trial.study.get_trials(deepcopy=False)))
 
 
 def log_skipped(client, parent_id: str, skipped: list[tuple[dict, str]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from ablate.names import CELL_ATTR, EPOCHS_ATTR, FAILURE_ATTR, LABEL_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
@@ -15,6 +16,25 @@ def pending_trials(study) -> int:
 
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
                if not t.user_attrs.get(SURPLUS_ATTR))
+
+
+def failure_summary(study) -> tuple[str | None, bool]:
+    """(a line on the trials that failed, or None; whether every finished trial failed), counting a retried
+    trial once. A study in which no trial succeeded is a failed command, not a result."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    finished = [t for t in trials if t.state.is_finished() and not t.user_attrs.get(SURPLUS_ATTR)
+                and t.number not in retried]
+    failed = [t for t in finished if t.state == TrialState.FAIL]
+    if not failed:
+        return None, False
+    reasons = Counter(t.user_attrs.get(FAILURE_ATTR) or "unknown" for t in failed)
+    why = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common())
+    every = len(failed) == len(finished)
+    head = f"all {len(failed)} finished trials failed" if every else f"{len(failed)} of {len(finished)} finished trials failed"
+    return f"{head} ({why}); see the failure column and each run's failure tag", every
 
 
 def trial_table(study) -> Any:

@@ -16,22 +16,42 @@ from typing import Any, Callable
 
 from ablate import track
 from ablate.errors import redact_url
-from ablate.names import LABEL_ATTR, OPTUNA_STUDY_TAG, ROLE_STUDY, ROLE_TAG, SURPLUS_ATTR
-from ablate.study.grid import enqueue_missing_cells, finished_cells, log_skipped, retried_numbers
+from ablate.names import (
+    FAILURE_ATTR,
+    LABEL_ATTR,
+    OPTUNA_STATE_TAG,
+    OPTUNA_STUDY_TAG,
+    ROLE_STUDY,
+    ROLE_TAG,
+    RUN_ID_ATTR,
+    SURPLUS_ATTR,
+)
+from ablate.study.grid import (
+    check_cells,
+    claim_slot,
+    enqueue_missing_cells,
+    enqueue_missing_slots,
+    finished_cells,
+    log_skipped,
+)
 from ablate.study.objective import make_objective
 from ablate.study.settings import StudySettings, check_same_settings
 from ablate.study.storage import load_study, recover_lost_runs
 
 #: Seconds between looks at the store while a worker waits for other workers' trials.
 WAIT_POLL_S = 2
+#: Exit status of a worker process stopped by Ctrl-C (the shell's 128 + SIGINT).
+INTERRUPTED_EXIT = 130
 
 
 def prepare(settings: StudySettings) -> tuple[Any, str, list[tuple[dict, str]]]:
-    """Create schemas, the study, the experiment and the parent run; enqueue missing grid cells.
+    """Create schemas, the study, the experiment and the parent run; enqueue missing grid cells (or the missing
+    places of a sampled study).
 
-    Runs once in the parent before any worker starts (concurrent first use of a fresh SQLite store fails).
-    Returns the study, the parent run id and the skipped cells with their reasons.
+    Runs in the parent before any worker starts; a ``--set`` that makes a grid cell unbuildable stops it before
+    anything is created. Returns the study, the parent run id and the skipped cells with their reasons.
     """
+    check_cells(settings)
     study = load_study(settings, create=True)
     check_same_settings(study, settings)
     with warnings.catch_warnings():
@@ -44,6 +64,8 @@ def prepare(settings: StudySettings) -> tuple[Any, str, list[tuple[dict, str]]]:
     skipped: list[tuple[dict, str]] = []
     if settings.space.is_grid:
         skipped = enqueue_missing_cells(study, settings)
+    else:
+        enqueue_missing_slots(study, settings)
     log_skipped(client, parent_id, skipped)
     return study, parent_id, skipped
 
@@ -65,19 +87,13 @@ def _parent_run(client, experiment_id: str, settings: StudySettings) -> str:
     return run.run_id
 
 
-def _next_step(study, settings: StudySettings) -> str:
-    """``run`` (a trial to pop or sample), ``wait`` (others still run: their cells may come back) or ``done``."""
+def _next_step(study) -> str:
+    """``run`` (an enqueued trial to pop), ``wait`` (others still run: their trials may come back) or ``done``."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    live = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR)]
+    live = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
     if any(t.state == TrialState.WAITING for t in live):
         return "run"
-    if not settings.space.is_grid:
-        retried = retried_numbers(trials)
-        counted = [t for t in live if t.number not in retried]
-        if len(counted) < (settings.n_trials or settings.space.n_trials):
-            return "run"
     if any(t.state == TrialState.RUNNING for t in live):
         return "wait"
     return "done"
@@ -90,9 +106,9 @@ def run_worker(settings: StudySettings, parent_id: str, on_progress: Callable[[]
     Waiting for other workers' running trials means a trial whose worker dies is retried here.
     """
     study = study or load_study(settings)
-    objective = make_objective(settings, parent_id)
+    objective = _guarded(make_objective(settings, parent_id), settings)
     callbacks = [lambda _study, _trial: on_progress()] if on_progress else []
-    while (step := _next_step(study, settings)) != "done":
+    while (step := _next_step(study)) != "done":
         if step == "run":
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
         else:
@@ -102,13 +118,54 @@ def run_worker(settings: StudySettings, parent_id: str, on_progress: Callable[[]
                 on_progress()
 
 
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's warning and traceback about a trial stopped by Ctrl-C: the command says so in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trials: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.trials)
+
+
+_QUIET_INTERRUPT = _QuietInterrupt()
+
+
+def _guarded(objective: Callable, settings: StudySettings) -> Callable:
+    """The objective, plus what every trial needs around it: a sampled trial must hold one of the study's places,
+    and a trial stopped by Ctrl-C is recorded as interrupted (trial attribute, run tag) before Optuna fails it."""
+    import optuna
+
+    logging.getLogger("optuna.study._optimize").addFilter(_QUIET_INTERRUPT)
+
+    def run(trial: optuna.Trial):
+        if not settings.space.is_grid and not claim_slot(trial):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned("no place left for this trial")
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            _QUIET_INTERRUPT.trials.add(trial.number)
+            trial.set_user_attr(FAILURE_ATTR, track.INTERRUPTED)
+            run_id = trial.user_attrs.get(RUN_ID_ATTR)
+            if run_id:
+                track.client(settings.tracking_uri).set_tag(run_id, OPTUNA_STATE_TAG, "FAIL")
+            raise
+
+    return run
+
+
 def _worker_entry(settings: StudySettings, parent_id: str, threads: int) -> None:
-    """A spawned worker process: its own threads (and GPU when several are visible)."""
+    """A spawned worker process: its own threads (and GPU when several are visible); Ctrl-C ends it quietly."""
     import torch
 
     torch.set_num_threads(threads)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    run_worker(settings, parent_id)
+    try:
+        run_worker(settings, parent_id)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
 
 
 def run_study(settings: StudySettings) -> Any:
