@@ -79,12 +79,12 @@ def checkpoint_config(state: Mapping[str, Any], source: str) -> RunConfig:
         raise CheckpointError(f"{source}: checkpoint is not usable (its config is not valid: {e})") from None
 
 
-def check_matches(cfg: RunConfig, params: Mapping[str, str], source: str, against: str) -> None:
+def check_matches(cfg: RunConfig, params: Mapping[str, Any], source: str, against: str) -> None:
     """Refuse a checkpoint whose config differs from ``params`` (a run's logged params) in any shared key."""
-    mine = {k: "None" if v is None else str(v) for k, v in cfg.to_params().items()}
-    diff = [k for k in sorted(set(mine) & set(params)) if mine[k] != params[k]]
+    mine, theirs = _as_logged(cfg.to_params()), _as_logged(params)
+    diff = [k for k in sorted(set(mine) & set(theirs)) if mine[k] != theirs[k]]
     if diff:
-        shown = ", ".join(f"{k}={mine[k]} vs {params[k]}" for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
+        shown = ", ".join(f"{k}={mine[k]} vs {theirs[k]}" for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
         raise CheckpointError(f"{source}: checkpoint belongs to another configuration than {against} ({shown})")
 
 
@@ -151,6 +151,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_logged(params: Mapping[str, Any]) -> dict[str, str]:
+    """Param values as MLflow stores them (``track.TrackedRun.start`` logs None as ``None``)."""
+    return {k: "None" if v is None else str(v) for k, v in params.items()}
 
 
 def _one_line(e: BaseException) -> str:
