@@ -96,15 +96,14 @@ def test_a_real_checkpoint_is_plain_data(trained):
     assert cfg.model.scconv.order == "sru" and not model.training
 
 
-@pytest.mark.parametrize("fmt", ["torch", "pickle"])
-def test_the_crafted_checkpoint_would_run_code_without_weights_only(tmp_path, fmt):
-    """The control: the payload the next test plants really runs when unpickled the unsafe way."""
+def test_the_crafted_checkpoint_is_live(tmp_path):
+    """The control: the planted payload calls open(), and does run when unpickled the unsafe way."""
     marker = tmp_path / "control"
-    path = tmp_path / "evil.pt"
     payload = {"config": {}, "epoch": 0, "model": Plant(marker)}
-    path.write_bytes(torch_bytes(payload) if fmt == "torch" else pickle.dumps(payload, protocol=2))
-    loaded = torch.load(path, weights_only=False) if fmt == "torch" else pickle.loads(path.read_bytes())
-    loaded["model"].close()
+    path = tmp_path / "evil.pt"
+    path.write_bytes(torch_bytes(payload))
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == ["io.open"]
+    pickle.loads(pickle.dumps(payload, protocol=2))["model"].close()
     assert marker.exists()
 
 
