@@ -34,6 +34,9 @@ SCCONV_PRESETS: dict[str, dict[str, Any]] = {
 
 DATASETS = ("digits", "cifar100", "food101", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
+DECODES = ("cpu", "gpu")
+#: Datasets stored as JPEG files, which ``decode = "gpu"`` can decode on the device.
+JPEG_DATASETS = ("food101", "imagefolder")
 DATASET_CLASSES = {"digits": 10, "cifar100": 100, "food101": 101}
 #: The embedded digits at their native 8x8, made hard enough that validation loss stays well above 0
 #: (docs/scconv.md, "The embedded digits"); image_size=32, label_noise=0, train_size=1437 is the old easy task.
@@ -113,7 +116,8 @@ class DataConfig:
     data_root: str = "~/.cache/scconv-ablate/data"  #: folder holding the datasets (imagefolder: train/ and val/)
     image_size: int | None = None  #: input side in pixels (None: the dataset's recipe: digits 8, others 224)
     download: bool = False  #: fetch cifar100/food101 with torchvision's downloader when missing
-    num_workers: int = 0  #: DataLoader worker processes
+    num_workers: int | str = "auto"  #: DataLoader worker processes: auto (the CPU cores this run may use; 0 for in-memory sets) or a count
+    decode: str = "cpu"  #: where JPEGs are decoded: cpu (PIL in the loader workers) or gpu (decode_jpeg and transforms on CUDA; food101, imagefolder)
     probe_size: int = 64  #: validation images in the fixed gate-probe batch
     label_noise: float | None = None  #: digits only: share of train and val labels swapped for another class, fixed seed (None: digits 0.2, others 0)
     train_size: int | None = None  #: digits only: training images kept, stratified, fixed (None: digits 500, others all)
@@ -122,7 +126,12 @@ class DataConfig:
         check_choice("dataset", self.dataset, DATASETS)
         if self.image_size is not None:
             check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
-        check("num_workers", self.num_workers, is_int(self.num_workers) and self.num_workers >= 0, "an integer >= 0")
+        check("num_workers", self.num_workers,
+              self.num_workers == "auto" or (is_int(self.num_workers) and self.num_workers >= 0), "auto or an integer >= 0")
+        check_choice("decode", self.decode, DECODES)
+        if self.decode == "gpu":
+            check("decode", self.decode, self.dataset in JPEG_DATASETS,
+                  f"cpu (dataset {self.dataset!r} is not stored as JPEG files; gpu decodes {', '.join(JPEG_DATASETS)})")
         check("probe_size", self.probe_size, is_int(self.probe_size) and self.probe_size >= 1, "an integer >= 1")
         digits = self.dataset == "digits"
         if self.label_noise is not None:
@@ -164,6 +173,7 @@ class TrainConfig:
     device: str = "auto"  #: auto (CUDA when available), cpu or cuda
     amp: bool = True  #: bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  #: channels_last memory format on CUDA (ignored on CPU)
+    compile: bool = False  #: torch.compile the model for training steps (inductor, CPU or CUDA; the first step compiles, minutes on a CPU)
     max_steps_per_epoch: int | None = None  #: cap on training steps per epoch (smoke runs); None: full epoch
     num_threads: int | None = None  #: CPU intra-op threads (None: torch's default; 1 is faster on a busy machine)
 
@@ -333,6 +343,8 @@ def _coerce(section: str, name: str, value: Any) -> Any:
         if base is int:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
+            if isinstance(value, str) and str in args and not value.strip().lstrip("+-").isdigit():
+                return value  # a keyword such as "auto": the section's own check names what is accepted
             return int(value) if isinstance(value, str) else value
         if base is float:
             if isinstance(value, str) and "/" in value:  # allow fractions such as 3/8

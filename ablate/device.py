@@ -19,6 +19,21 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+#: Environment variable holding how many CPU cores one process of a multi-worker study may use
+#: (``ablate.study.workers`` sets it for each worker it starts).
+CPU_SHARE_ENV = "ABLATE_CPU_SHARE"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by its study worker's share when set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS
+        cores = os.cpu_count() or 1
+    share = os.environ.get(CPU_SHARE_ENV, "")
+    return min(cores, int(share)) if share.isdigit() and int(share) >= 1 else cores
+
+
 def device_name(device) -> str:
     """The device in words: the GPU's name, or the CPU with its cores and torch threads."""
     import torch

@@ -79,3 +79,7 @@ SENS_SLOPE_METRIC = "sens/slope"  #: least-squares slope of log(output sensitivi
 def sens_metric(kind: str, eps: float) -> str:
     """The metric name of one sensitivity at relative perturbation ``eps``, e.g. ``sens/out/eps_1e-04``."""
     return f"sens/{kind}/eps_{eps:.0e}"
+
+
+# -- metrics on runs ---------------------------------------------------------------------------------------
+COMPILE_SECONDS_METRIC = "compile_seconds"  #: wall seconds of a compiled model's first training step (its compilation)

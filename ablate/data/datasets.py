@@ -20,8 +20,10 @@ from torchvision.datasets import CIFAR100, Food101, ImageFolder
 from torchvision.datasets.vision import StandardTransform
 
 from ablate.config import ConfigError, DataConfig
+from ablate.data.gpu_decode import DecodingLoader, DeviceDecode, JpegFiles, jpeg_samples
 from ablate.data.stats import ChannelStats, array_stats, cache_path, cached_stats, sampled_stats
 from ablate.data.transforms import build_transform, upsample
+from ablate.device import available_cpus
 
 #: The digits split is fixed (not the run seed) so every run of a study validates on the same images.
 DIGITS_SPLIT_SEED = 0
@@ -52,6 +54,8 @@ class DataBundle:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: With ``decode = "gpu"``: the (train, val) decoders of the ``JpegFiles`` sets' batches; None otherwise.
+    decode: tuple[DeviceDecode, DeviceDecode] | None = None
 
 
 class CIFAR100Files(CIFAR100):
@@ -95,7 +99,18 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
     """Read the configured dataset into a train/val bundle with the recipe's transforms."""
     cfg = cfg.resolved()
     check_available(cfg)
-    return _BUILDERS[cfg.dataset](cfg)
+    bundle = _BUILDERS[cfg.dataset](cfg)
+    return _encoded(bundle, cfg.image_size) if cfg.decode == "gpu" else bundle
+
+
+def _encoded(bundle: DataBundle, image_size: int) -> DataBundle:
+    """The bundle with file-bytes datasets and the recipe as device decoders (``decode = "gpu"``)."""
+    return DataBundle(
+        JpegFiles(jpeg_samples(bundle.train), bundle.classes), JpegFiles(jpeg_samples(bundle.val), bundle.classes),
+        bundle.num_classes, bundle.classes, bundle.mean, bundle.std,
+        decode=(DeviceDecode(True, image_size, bundle.mean, bundle.std),
+                DeviceDecode(False, image_size, bundle.mean, bundle.std)),
+    )
 
 
 # -- digits -----------------------------------------------------------------------------------
@@ -241,31 +256,55 @@ _BUILDERS: dict[str, Callable[[DataConfig], DataBundle]] = {
 # -- batches ----------------------------------------------------------------------------------
 
 
+#: ``num_workers = "auto"`` never starts more loader processes than this (each holds its own copy of the
+#: dataset's index and prefetches two batches).
+MAX_AUTO_WORKERS = 16
+
+
+def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
+    """``auto``: 0 for in-memory tensors (workers would only add copies), else the CPU cores this run may use."""
+    if num_workers != "auto":
+        return num_workers
+    if isinstance(dataset, TensorDataset):
+        return 0
+    return min(available_cpus(), MAX_AUTO_WORKERS)
+
+
 def make_loaders(
-    bundle: DataBundle, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False
+    bundle: DataBundle, batch_size: int, seed: int, num_workers: int | str = "auto", pin_memory: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader shuffled by a generator seeded with ``seed`` (same seed, same order); val in order.
 
     Worker processes are seeded from that generator as well (torch seeds each worker's torch, numpy
     and python RNGs from a base seed drawn from it); with ``num_workers=0`` augmentations draw from
-    the global torch RNG, which the training loop seeds.
+    the global torch RNG, which the training loop seeds. A ``decode = "gpu"`` bundle's batches come out
+    decoded and transformed on ``device``.
     """
+    workers = resolve_workers(num_workers, bundle.train)
 
-    def loader(ds: Dataset, shuffle: bool, generator_seed: int) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, drop_last=False, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=num_workers > 0,
+    def loader(ds: Dataset, shuffle: bool, generator_seed: int, decode: DeviceDecode | None) -> DataLoader:
+        kwargs = dict(
+            batch_size=batch_size, shuffle=shuffle, drop_last=False, num_workers=workers,
+            pin_memory=pin_memory, persistent_workers=workers > 0,
             # Each loader owns its generator, so evaluating never shifts the global RNG or the train order.
             generator=torch.Generator().manual_seed(generator_seed),
         )
+        if decode is not None:
+            return DecodingLoader(ds, decode, torch.device(device), **kwargs)
+        return DataLoader(ds, **kwargs)
 
-    return loader(bundle.train, True, seed), loader(bundle.val, False, seed)
+    train_decode, val_decode = bundle.decode or (None, None)
+    return loader(bundle.train, True, seed, train_decode), loader(bundle.val, False, seed, val_decode)
 
 
 def probe_batch(bundle: DataBundle, n: int) -> tuple[Tensor, Tensor]:
     """A fixed batch of min(n, len(val)) validation images and labels: the same images on every call."""
     order = torch.randperm(len(bundle.val), generator=torch.Generator().manual_seed(PROBE_SEED))
     items = [bundle.val[i] for i in order[: min(n, len(bundle.val))].tolist()]
-    images = torch.stack([torch.as_tensor(x) for x, _ in items])
+    if bundle.decode is not None:  # file bytes: decoded here on the CPU, by the same code as on the GPU
+        images = bundle.decode[1]([x for x, _ in items], "cpu")
+    else:
+        images = torch.stack([torch.as_tensor(x) for x, _ in items])
     labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
     return images, labels

@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable
 
 from ablate import track
+from ablate.device import CPU_SHARE_ENV
 from ablate.errors import redact_url
 from ablate.names import (
     FAILURE_ATTR,
@@ -226,19 +227,20 @@ def _run_processes(settings: StudySettings, parent_id: str, bar: "_TrialBar") ->
 
 
 def _spawn(ctx, settings: StudySettings, parent_id: str, index: int, threads: int, gpu: str | None):
-    """Start one worker; with several GPUs it sees only ``gpu`` (set around the start, inherited by the child)."""
-    old = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    """Start one worker; with several GPUs it sees only ``gpu``. Its share of the CPU cores (``threads``) goes in
+    ``CPU_SHARE_ENV`` for ``num_workers = "auto"``. Both are set around the start and inherited by the child."""
+    env = {CPU_SHARE_ENV: str(threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         p = ctx.Process(target=_worker_entry, args=(settings, parent_id, threads), name=f"ablate-worker-{index}")
         p.start()
     finally:
-        if gpu is not None:
-            if old is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = old
+                os.environ[name] = value
     return p
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,8 +40,11 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device, *,
                     amp: bool = False, channels_last: bool = False, max_steps: int | None = None,
-                    progress=None) -> tuple[float, float]:
-    """One pass over ``loader``; returns (mean loss, accuracy). A non-finite mean loss is returned as is."""
+                    progress=None, on_first_step: Callable[[float], None] | None = None) -> tuple[float, float]:
+    """One pass over ``loader``; returns (mean loss, accuracy). A non-finite mean loss is returned as is.
+
+    ``on_first_step(seconds)`` gets the wall time of the first step, device work included (a compiled
+    model compiles in it)."""
     model.train()
     # Sums stay on the device so the loop never waits for the GPU; one sync at the end.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -49,12 +54,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if max_steps is not None and step >= max_steps:
             break
         x, y = _to_device(x, y, device, channels_last)
+        start = time.perf_counter()
         with autocast(device, amp):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if on_first_step is not None and step == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            on_first_step(time.perf_counter() - start)
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()

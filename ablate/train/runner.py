@@ -9,6 +9,7 @@ import contextlib
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,9 @@ from ablate.config import ConfigError, RunConfig
 from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.errors import CheckpointError
 from ablate.names import (
-    CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT,
-    OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, VARIANT_TAG,
+    CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
+    GATE_STATS_ARTIFACT, HISTORY_ARTIFACT, OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG,
+    RESUMED_FROM_RUN_TAG, VARIANT_TAG,
 )
 from ablate.train.checkpoint import (
     RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
@@ -74,6 +76,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     ``ablate.resumed_from_run`` (from epoch 0 when that run left no usable checkpoint).
     """
     from ablate.data import build_datasets, check_available
+    from ablate.data.gpu_decode import check_decode_device
 
     resume_state, client = None, None
     if resume_run_id:
@@ -82,6 +85,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     cfg = cfg.resolved()
     check_available(cfg.data)  # a missing dataset fails before any run exists
     device = resolve_device(cfg.train.device)
+    check_decode_device(cfg.data.decode, device)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     bundle = build_datasets(cfg.data)
@@ -199,7 +203,10 @@ class _Trainer:
         self.amp = t.amp and device.type == "cuda"
         self.channels_last = t.channels_last and device.type == "cuda"
         self.train_loader, self.val_loader = make_loaders(
-            bundle, t.batch_size, t.seed, cfg.data.num_workers, pin_memory=device.type == "cuda")
+            bundle, t.batch_size, t.seed, cfg.data.num_workers, pin_memory=device.type == "cuda", device=device)
+        # Training steps go through the compiled module; evaluation and the probes use the eager one (same
+        # parameters), so that eval mode and probe switches never trigger another compilation.
+        self.step_model = torch.compile(model) if t.compile else model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                                          weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(t.milestones), gamma=t.lr_decay)
@@ -304,11 +311,16 @@ class _Trainer:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             skip = self.feed.begin(epoch, steps)
+            compiling = t.compile and epoch == self.start_epoch
+            if compiling:
+                print("ablate: compiling the model (torch.compile): the first training step takes minutes on a CPU",
+                      file=sys.stderr, flush=True)
             with tqdm(total=steps, initial=skip, unit="step", leave=False, disable=not self.progress,
                       dynamic_ncols=True) as inner, self.feed.counting():
                 train_loss, train_acc = train_one_epoch(
-                    self.model, self.feed, self.optimizer, self.device, amp=self.amp,
-                    channels_last=self.channels_last, max_steps=steps - skip, progress=inner)
+                    self.step_model, self.feed, self.optimizer, self.device, amp=self.amp,
+                    channels_last=self.channels_last, max_steps=steps - skip, progress=inner,
+                    on_first_step=(lambda s: self._compiled(epoch, s)) if compiling else None)
             if skip:  # the epoch began in an earlier process: its mean covers every batch
                 train_loss, train_acc = self.feed.means()
             if not np.isfinite(train_loss):
@@ -335,6 +347,11 @@ class _Trainer:
             bar.set_postfix(val_loss=f"{result.loss:.4f}", val_acc=f"{result.acc:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
+
+    def _compiled(self, epoch: int, seconds: float) -> None:
+        """The first compiled step is done: say so and log its time as the compile time."""
+        print(f"ablate: compiled; the first step took {seconds:.0f} s", file=sys.stderr, flush=True)
+        self.run.log_metrics({COMPILE_SECONDS_METRIC: seconds}, step=epoch)
 
     # -- artifacts --------------------------------------------------------------------------
 
@@ -405,7 +422,7 @@ class _EpochFeed:
     @contextlib.contextmanager
     def counting(self):
         """Sum each training step's loss and correct predictions while the epoch runs."""
-        handle = self.trainer.model.register_forward_hook(self._count)
+        handle = self.trainer.step_model.register_forward_hook(self._count)  # outside a compiled forward
         try:
             yield
         finally:
