@@ -322,7 +322,7 @@ def _fake_training(calls: list):
     """run_training that records its config and makes a real (tiny) MLflow run."""
     from ablate.train import RunResult
 
-    def fake(cfg, *, tracking_uri, parent_run_id, run_name, tags, on_epoch, on_start, progress):
+    def fake(cfg, *, tracking_uri, parent_run_id, run_name, tags, on_epoch, on_start, progress, continue_from=None):
         client = track.client(tracking_uri)
         run = track.TrackedRun.start(client, track.ensure_experiment(client, cfg.experiment), run_name, {}, tags,
                                      parent_run_id=parent_run_id)
