@@ -234,3 +234,11 @@ def test_compiles_to_the_same_function():
     reference, efficient = pair(16, 16, 2, gate_mode="reference", attention="global")
     compiled = torch.compile(efficient, backend="aot_eager", fullgraph=True)
     assert_same_function(reference, efficient, large_input(), call=compiled)
+
+
+@pytest.mark.slow  # inductor generates and builds C++ kernels: about a minute on a busy 2-core machine
+def test_inductor_compiles_to_the_same_function():
+    # The code a GPU or CPU would run: inductor-generated kernels, in one graph, on the recomputing path.
+    reference, efficient = pair(16, 16, 1, gate_mode="binary", attention="pairwise")
+    compiled = torch.compile(efficient, backend="inductor", fullgraph=True)
+    assert_same_function(reference, efficient, large_input(), call=compiled)

@@ -22,7 +22,7 @@ class FuseFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, probe, y1, *y2_pieces):
         s1 = y1.mean(dim=(2, 3))
-        s2 = torch.cat([p.mean(dim=(2, 3)) for p in y2_pieces], dim=1)
+        s2 = _cat([p.mean(dim=(2, 3)) for p in y2_pieces])
         a, b = _attention(mode, s1, s2)
         n, c = a.shape
         out = y1 * a.view(n, c, 1, 1)
@@ -39,35 +39,42 @@ class FuseFunction(torch.autograd.Function):
         y1, a, b, *y2_pieces = ctx.saved_tensors
         split = _pieces(g, b, y2_pieces)
         da = _channel_dot(g, y1)
-        db = torch.cat([_channel_dot(g_piece, piece) for piece, g_piece, _ in split], dim=1)
-        ds1, ds2 = _attention_backward(ctx.mode, a, b, da, db)
+        db = _cat([_channel_dot(g_piece, piece) for piece, g_piece, _ in split])
         # GAP's backward spreads ds / (H * W) over every position.
-        area = y1.shape[2] * y1.shape[3]
-        grads = [_input_grad(g, a, ds1 / area, y1)]
+        ds1, ds2 = _attention_backward(ctx.mode, a, b, da, db, 1 / (y1.shape[2] * y1.shape[3]))
+        grads = [_input_grad(g, a, ds1, y1)]
         start = 0
         for piece, g_piece, b_piece in split:
             stop = start + piece.shape[1]
-            grads.append(_input_grad(g_piece, b_piece, ds2[:, start:stop] / area, piece))
+            grads.append(_input_grad(g_piece, b_piece, ds2[:, start:stop], piece))
             start = stop
         return (None, None, *grads)
 
 
+def _cat(parts: list[Tensor]) -> Tensor:
+    """Concatenate along channels; a single part as it is (``cat`` would copy it)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _attention(mode: str, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-    """Fuse weights (a, b), each (N, C_out), by the same operations as ``CRU.attention``."""
+    """Fuse weights (a, b), each (N, C_out): ``CRU.attention``'s softmax."""
     if mode == "pairwise":
-        beta = torch.softmax(torch.stack([s1, s2]), dim=0)
-        return beta[0], beta[1]
+        # A softmax over two values is a sigmoid of their difference: two operations instead of five.
+        a = torch.sigmoid(s1 - s2)
+        return a, 1 - a
     weights = torch.softmax(torch.cat([s1, s2], dim=1), dim=1)
     return weights[:, : s1.shape[1]], weights[:, s1.shape[1] :]
 
 
-def _attention_backward(mode: str, a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax backward, ds = w * (dw - sum(w * dw)) over the softmax's axis."""
+def _attention_backward(mode: str, a: Tensor, b: Tensor, da: Tensor, db: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax backward, ds = w * (dw - sum(w * dw)) over the softmax's axis, times ``scale``."""
     if mode == "pairwise":
-        inner = a * da + b * db
-        return a * (da - inner), b * (db - inner)
+        # With b = 1 - a: ds1 = a * b * (da - db) = -ds2.
+        ds1 = (da - db).mul_(a * b).mul_(scale)
+        return ds1, -ds1
     w, dw = torch.cat([a, b], dim=1), torch.cat([da, db], dim=1)
     ds = w * (dw - (w * dw).sum(dim=1, keepdim=True))
+    ds.mul_(scale)
     return ds[:, : a.shape[1]], ds[:, a.shape[1] :]
 
 
