@@ -152,8 +152,9 @@ def default_artifact_root(uri: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def quiet_mlflow() -> None:
-    # Alembic prints a dozen INFO lines when it creates the schema; users need none of them.
-    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+    # Alembic prints a dozen INFO lines when it creates the schema, the system metrics monitor four per run;
+    # users need none of them.
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ablate.cli.common import add_scconv_args, choices_type, scconv_overrides
-from ablate.config import PLACEMENTS, ModelConfig, RunConfig
+from ablate.config import PLACEMENTS, ModelConfig, RunConfig, blame_user_keys
+from ablate.errors import ConfigError
 
 FORMATS = ("table", "json")
 
@@ -30,8 +31,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Print one row per model (and the baseline with ``--compare``) as a table or JSON."""
     from ablate.profile import format_table, profile_rows
 
-    scconv = RunConfig.from_dict(scconv_overrides(args)).model.scconv
+    given = scconv_overrides(args)
+    scconv = RunConfig.from_dict(given).model.scconv
     model_cfg = ModelConfig(backbone=args.backbone, num_classes=args.num_classes, placement=args.placement, scconv=scconv)
-    rows = profile_rows(model_cfg, image_size=args.image_size, compare=args.compare)
+    try:
+        rows = profile_rows(model_cfg, image_size=args.image_size, compare=args.compare)
+    except ConfigError as e:
+        raise blame_user_keys(e, given) from None
     print(json.dumps(rows, indent=2) if args.format == "json" else format_table(rows))
     return 0
