@@ -50,7 +50,7 @@ def retried_numbers(trials) -> set[int]:
 
 
 def occupies(trial) -> bool:
-    """Whether a trial holds its cell: queued, running, done, or failed for good."""
+    """Whether a trial holds its cell (or place): queued, running, done, or failed for good."""
     from optuna.trial import TrialState
 
     if trial.user_attrs.get(SURPLUS_ATTR):
@@ -138,20 +138,15 @@ def enqueue_missing_cells(study, settings: StudySettings) -> list[tuple[dict, st
 
 def enqueue_missing_slots(study, settings: StudySettings) -> int:
     """Enqueue a params-free trial for every place of a sampled study's ``n_trials`` that no trial holds; returns
-    how many. The sampler fills in the params when a worker pops one."""
+    how many. The sampler fills in the params when a worker pops one. Like a cell, a place whose trial failed
+    for a reason other than FINAL_FAILURES (an exception, Ctrl-C) is free again for a rerun."""
     n_trials = settings.n_trials or settings.space.n_trials
-    counted = counted_trials(study.get_trials(deepcopy=False))
-    held = {t.user_attrs[SLOT_ATTR] for t in counted if SLOT_ATTR in t.user_attrs}
-    free = [i for i in range(n_trials) if i not in held][:max(0, n_trials - len(counted))]
+    holders = [t for t in study.get_trials(deepcopy=False) if occupies(t)]
+    held = {t.user_attrs[SLOT_ATTR] for t in holders if SLOT_ATTR in t.user_attrs}
+    free = [i for i in range(n_trials) if i not in held][:max(0, n_trials - len(holders))]
     for slot in free:
         study.enqueue_trial({}, user_attrs={SLOT_ATTR: slot})
     return len(free)
-
-
-def counted_trials(trials) -> list:
-    """The trials that count toward ``n_trials``: neither surplus pops nor attempts that were retried."""
-    retried = retried_numbers(trials)
-    return [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and t.number not in retried]
 
 
 def claim_slot(trial) -> bool:
@@ -159,8 +154,8 @@ def claim_slot(trial) -> bool:
     slot = trial.user_attrs.get(SLOT_ATTR)
     if slot is None:
         return False  # created by a worker whose pop found the queue empty
-    return not any(other.number < trial.number and other.user_attrs.get(SLOT_ATTR) == slot
-                   for other in counted_trials(trial.study.get_trials(deepcopy=False)))
+    return not any(other.number < trial.number and other.user_attrs.get(SLOT_ATTR) == slot and occupies(other)
+                   for other in trial.study.get_trials(deepcopy=False))
 
 
 def log_skipped(client, parent_id: str, skipped: list[tuple[dict, str]]) -> None:
