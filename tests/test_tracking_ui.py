@@ -291,3 +291,23 @@ def test_source_tags_name_the_entry_point_and_the_checkout(tracking_uri, monkeyp
         assert provenance.source_tags() == {"mlflow.source.name": "ablate", "mlflow.source.type": "LOCAL"}
     finally:
         provenance._git_tags.cache_clear()
+
+
+def test_gpu_system_metrics_sample_only_the_runs_own_gpu(monkeypatch):
+    """NVML numbers every GPU of the machine; the run's CUDA device is found by its UUID (NVML writes it
+    ``GPU-<uuid>``), so a worker pinned to one GPU logs that GPU as gpu_0 and no other."""
+    import pynvml
+    from mlflow.system_metrics.metrics import gpu_monitor
+
+    class FakeMonitor:
+        def __init__(self):
+            self.gpu_handles, self.num_gpus = ["h0", "h1", "h2"], 3
+
+    asked = []
+    monkeypatch.setattr(gpu_monitor, "GPUMonitor", FakeMonitor)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", lambda uuid: asked.append(uuid) or "h2")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: type("Props", (), {"uuid": f"uuid-of-{index}"})())
+    monitor = system._device_gpu_monitor(torch.device("cuda", 2))
+    assert asked == ["GPU-uuid-of-2"] and (monitor.gpu_handles, monitor.num_gpus) == (["h2"], 1)
+    assert system._device_gpu_monitor(torch.device("cpu")) is None
