@@ -38,6 +38,7 @@ DECODES = ("cpu", "gpu")
 #: Datasets stored as JPEG files, which ``decode = "gpu"`` can decode on the device.
 JPEG_DATASETS = ("food101", "imagefolder")
 DATASET_CLASSES = {"digits": 10, "cifar100": 100, "food101": 101}
+MAX_IMAGE_SIZE = 4096  #: the largest input side accepted, in pixels
 #: The embedded digits at their native 8x8, made hard enough that validation loss stays well above 0
 #: (docs/scconv.md, "The embedded digits"); image_size=32, label_noise=0, train_size=1437 is the old easy task.
 DIGITS_DEFAULTS: dict[str, Any] = {"image_size": 8, "label_noise": 0.2, "train_size": 500}
@@ -125,7 +126,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
         if self.image_size is not None:
-            check("image_size", self.image_size, is_int(self.image_size) and self.image_size >= 8, "an integer >= 8")
+            # The bound keeps a typo (100000) a one-line error instead of a terabyte allocation.
+            check("image_size", self.image_size, is_int(self.image_size) and 8 <= self.image_size <= MAX_IMAGE_SIZE,
+                  f"an integer in 8..{MAX_IMAGE_SIZE}")
         check("num_workers", self.num_workers,
               self.num_workers == "auto" or (is_int(self.num_workers) and self.num_workers >= 0), "auto or an integer >= 0")
         check_choice("decode", self.decode, DECODES)

@@ -147,11 +147,9 @@ def test_an_unreachable_database_storage_is_one_line(bare, capsys):
     assert "connect_timeout=" in track.database_url("postgresql://u@h/db")
 
 
-@pytest.mark.parametrize("command", ["train", "study"])
-@pytest.mark.parametrize("option", ["--tracking-uri", "--storage"])
+@pytest.mark.parametrize("command, option", [("train", "--tracking-uri"), ("study", "--tracking-uri"),
+                                             ("study", "--storage")])
 def test_unwritable_stores_are_one_line_and_nothing_is_written(bare, capsys, command, option):
-    if command == "train" and option == "--storage":
-        pytest.skip("train has no --storage")
     blocker = bare / "file"
     blocker.write_text("not a folder")
     (bare / "folder.db").mkdir()
@@ -351,3 +349,37 @@ def test_ui_on_a_busy_port_is_one_line_and_prints_no_url(bare, capsys):
         line = one_line_error(capsys, main(["ui", "--port", str(port)]))
     assert f"port={port} is not usable" in line
     assert list(bare.iterdir()) == []
+
+
+# -- more adversarial input -----------------------------------------------------------------------------------
+
+
+def test_an_absurd_image_size_is_one_line_not_an_allocation(bare, capsys):
+    line = one_line_error(capsys, main(["train", "--set", "image_size=100000", "--quiet"]))
+    assert "image_size=100000" in line and "8..4096" in line
+    assert list(bare.iterdir()) == []
+
+
+def test_running_out_of_memory_is_one_line_and_other_errors_still_raise(capsys):
+    import argparse
+
+    from ablate.cli.common import run_cli
+
+    def parser_raising(exc):
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(exc))
+        return p
+
+    rc = run_cli("ablate", parser_raising(RuntimeError("DefaultCPUAllocator: can't allocate memory: 7e13 bytes")), [])
+    line = one_line_error(capsys, rc, expected_rc=1)
+    assert line.startswith("ablate: error: out of memory") and "batch_size" in line
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli("ablate", parser_raising(RuntimeError("a bug")), [])
+
+
+def test_status_of_a_folder_as_storage_is_one_line(bare, capsys):
+    (bare / "folder.db").mkdir()
+    line = one_line_error(capsys, main(["status", "--space", "sru_cru_order", "--storage",
+                                        f"sqlite:///{bare / 'folder.db'}"]))
+    assert "does not exist" in line
+    assert [p.name for p in bare.iterdir()] == ["folder.db"]

@@ -85,3 +85,11 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as e:
+        # CPU allocation failures and CUDA's OutOfMemoryError are RuntimeErrors; other RuntimeErrors are bugs.
+        text = str(e)
+        if not isinstance(e, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"{prog}: error: out of memory ({text.strip().splitlines()[0][:200] if text.strip() else 'MemoryError'}); "
+              "try a smaller batch_size or image_size", file=sys.stderr)
+        return EXIT_FAILURE

@@ -67,8 +67,6 @@ def _settings(args: argparse.Namespace, **extra):
     heartbeat = getattr(args, "heartbeat", 10)
     check("heartbeat", heartbeat, heartbeat >= 1, "an integer >= 1 (seconds)")
     storage_url, tracking_uri = resolve_storage(args.storage), track.resolve_tracking_uri(args.tracking_uri)
-    track.check_writable(storage_url, "storage")
-    track.check_writable(tracking_uri)
     return StudySettings(
         space=space, storage_url=storage_url, tracking_uri=tracking_uri, study_name=args.study_name or space.name,
         overrides=overrides, n_trials=n_trials, workers=workers, heartbeat_interval=heartbeat,
@@ -81,6 +79,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from ablate.study.table import failure_summary
 
     settings = _settings(args, progress=not args.quiet)
+    track.check_writable(settings.storage_url, "storage")
+    track.check_writable(settings.tracking_uri)
     check_data(settings)
     track.check_reachable(settings.storage_url, "storage")
     track.check_reachable(settings.tracking_uri)
