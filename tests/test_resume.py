@@ -85,20 +85,25 @@ def test_an_epoch_interrupted_mid_way_resumes_with_the_uninterrupted_result(trac
         assert curve(client, killed, key) == pytest.approx(curve(client, full.run_id, key), rel=1e-6)
 
 
-def test_a_new_run_continues_a_dead_runs_checkpoint_with_each_epoch_once(tracking_uri):
+def test_a_new_run_continues_the_last_checkpoint_of_dead_runs_with_each_epoch_once(tracking_uri):
     cfg = _cfg(epochs=3)
     full = run_training(cfg, tracking_uri=tracking_uri, progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, tracking_uri=tracking_uri, on_epoch=stop_at(0), progress=False)
     client = MlflowClient(tracking_uri)
     dead = killed_run(client, "resume", {full.run_id})
+    # A first retry dies before writing a checkpoint of its own (while it replays epoch 0).
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, tracking_uri=tracking_uri, continue_from=dead, on_epoch=stop_at(0), progress=False)
+    retry = killed_run(client, "resume", {full.run_id, dead})
+    assert client.get_run(retry).data.tags[RESUMED_FROM_RUN_TAG] == dead
 
     replayed = []
-    result = run_training(cfg, tracking_uri=tracking_uri, continue_from=dead, progress=False,
+    result = run_training(cfg, tracking_uri=tracking_uri, continue_from=retry, progress=False,
                           on_epoch=lambda e, m: replayed.append(e))
-    assert result.run_id not in (dead, full.run_id) and result.status == track.FINISHED
+    assert result.run_id not in (dead, retry, full.run_id) and result.status == track.FINISHED
     assert replayed == [0, 1, 2]  # a study's pruner sees the restored epoch too
-    run = client.get_run(result.run_id)
+    run = client.get_run(result.run_id)  # the checkpoint it continued is the first dead run's
     assert run.data.tags[RESUMED_FROM_RUN_TAG] == dead and run.data.tags[RESUMED_FROM_EPOCH_TAG] == "1"
     for key in CURVES:
         assert steps(client, result.run_id, key) == [0, 1, 2]

@@ -94,7 +94,7 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     model = _build(cfg, device)
     client = client or track.client(tracking_uri)  # only now: bad input above leaves the store untouched
     if continue_from:
-        resume_state = _load_continue(client, continue_from, cfg)
+        continue_from, resume_state = _load_continue(client, continue_from, cfg)
 
     trainer = _Trainer(cfg, model, bundle, device, progress)
     resumed: dict[str, str] = {}
@@ -175,20 +175,29 @@ def _load_resume(client, run_id: str) -> tuple[RunConfig, dict]:
     return cfg, state
 
 
-def _load_continue(client, run_id: str, cfg: RunConfig) -> dict | None:
-    """The checkpoint a retried trial continues from: run ``run_id``'s, if it has one that fits ``cfg``."""
+def _load_continue(client, run_id: str, cfg: RunConfig) -> tuple[str, dict | None]:
+    """The run and checkpoint a retried trial continues from: run ``run_id``'s if it fits ``cfg``, else (a dead
+    attempt killed before its first checkpoint) the checkpoint of the run that attempt continued, if any."""
     import logging
 
-    source = f"run {run_id}"
-    try:
-        state = fetch_checkpoint(client, run_id, RESUME_KEYS)
-        if state is not None:
-            check_matches(checkpoint_config(state, source), cfg.to_params(), source, "this trial")
-            check_matches(cfg, client.get_run(run_id).data.params, source, "that run's logged params")
-        return state
-    except CheckpointError as e:  # the retry still trains the cell, from the start
-        logging.getLogger(__name__).warning("%s; training from epoch 0", e)
-        return None
+    seen = set()
+    while run_id not in seen:
+        seen.add(run_id)
+        source = f"run {run_id}"
+        try:
+            state = fetch_checkpoint(client, run_id, RESUME_KEYS)
+            if state is not None:
+                check_matches(checkpoint_config(state, source), cfg.to_params(), source, "this trial")
+                check_matches(cfg, client.get_run(run_id).data.params, source, "that run's logged params")
+                return run_id, state
+        except CheckpointError as e:  # the retry still trains the cell, from the start
+            logging.getLogger(__name__).warning("%s; training from epoch 0", e)
+            return run_id, None
+        earlier = client.get_run(run_id).data.tags.get(RESUMED_FROM_RUN_TAG)
+        if not earlier:
+            break
+        run_id = earlier
+    return run_id, None
 
 
 class _Trainer:
