@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -88,3 +90,22 @@ def test_device_decode_gives_the_cpu_recipe(tmp_path):
     probe_x, _ = probe_batch(encoded, 4)
     assert probe_x.shape == (4, 3, 32, 32)
     torch.testing.assert_close(probe_x, probe_batch(encoded, 4)[0])
+
+
+def test_study_workers_start_with_their_share_of_the_cores(monkeypatch):
+    import os
+
+    from ablate.study import workers
+
+    seen: dict[str, str] = {}
+
+    class Process:  # stands in for a spawned worker: records the environment it would inherit
+        def __init__(self, target, args, name):
+            pass
+
+        def start(self):
+            seen.update(os.environ)
+
+    monkeypatch.delenv(CPU_SHARE_ENV, raising=False)
+    workers._spawn(SimpleNamespace(Process=Process), None, "parent", 0, threads=3, gpu=None)
+    assert seen[CPU_SHARE_ENV] == "3" and CPU_SHARE_ENV not in os.environ  # set for the child only
