@@ -9,7 +9,6 @@ and the tests use; training with it requires CUDA (``check_decode_device``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -41,7 +40,7 @@ def jpeg_samples(ds: Dataset) -> list[tuple[str, int]]:
     """(path, label) of every image of a torchvision Food101 or ImageFolder dataset."""
     if hasattr(ds, "samples"):  # ImageFolder
         return list(ds.samples)
-    return [(str(Path(p)), label) for p, label in zip(ds._image_files, ds._labels)]  # Food101
+    return [(str(p), label) for p, label in zip(ds._image_files, ds._labels)]  # Food101
 
 
 def collate_encoded(batch: list[tuple[Tensor, int]]) -> tuple[list[Tensor], Tensor]:
