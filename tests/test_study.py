@@ -93,14 +93,14 @@ def assert_each_cell_once(storage: str, tracking: str, name: str, cells: list[di
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """sru_cru_order with 1 epoch, run once on a fresh store."""
+    """The smoke space (six orders, one seed) with 1 epoch, run once on a fresh store."""
     tmp = tmp_path_factory.mktemp("grid")
     ns = SimpleNamespace(tmp=tmp, tracking=f"sqlite:///{tmp / 'mlflow.db'}", storage=f"sqlite:///{tmp / 'optuna.db'}",
                          artifacts=str(tmp / "artifacts"))
     with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setenv("MLFLOW_TRACKING_URI", ns.tracking)
         mp.setenv("SCCONV_ARTIFACT_ROOT", ns.artifacts)
-        ns.rc = run_cli("--space", "sru_cru_order", *TINY_SET, storage=ns.storage, tracking=ns.tracking)
+        ns.rc = run_cli("--space", "smoke", *TINY_SET, storage=ns.storage, tracking=ns.tracking)
     return ns
 
 
@@ -113,28 +113,28 @@ def grid_env(grid, monkeypatch):
 
 def test_grid_completes_six_distinct_trials(grid):
     assert grid.rc == 0
-    trials = all_trials(grid.storage, "sru_cru_order")
+    trials = all_trials(grid.storage, "smoke")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 6
     assert sorted(t.params["scconv.order"] for t in trials) == sorted(ORDERS)
     assert all(t.user_attrs["epochs_run"] == 1 and 0.0 <= t.value <= 1.0 for t in trials)
-    assert_each_cell_once(grid.storage, grid.tracking, "sru_cru_order", load_space("sru_cru_order").cells())
+    assert_each_cell_once(grid.storage, grid.tracking, "smoke", load_space("smoke").cells())
 
 
 def test_mlflow_layout_parent_and_nested_children(grid):
-    (parent,) = runs(grid.tracking, "sru_cru_order", role="study")
-    assert parent.info.run_name == "sru_cru_order"
+    (parent,) = runs(grid.tracking, "smoke", role="study")
+    assert parent.info.run_name == "smoke"
     assert parent.info.status == track.FINISHED
-    assert parent.data.tags["optuna.study"] == "sru_cru_order"
-    by_number = {t.number: t for t in all_trials(grid.storage, "sru_cru_order")}
-    children = runs(grid.tracking, "sru_cru_order")
+    assert parent.data.tags["optuna.study"] == "smoke"
+    by_number = {t.number: t for t in all_trials(grid.storage, "smoke")}
+    children = runs(grid.tracking, "smoke")
     assert len(children) == 6
     for run in children:
         number = int(run.data.tags["optuna.trial_number"])
         trial = by_number[number]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags["optuna.study"] == "sru_cru_order"
+        assert run.data.tags["optuna.study"] == "smoke"
         assert run.data.tags["optuna.state"] == "COMPLETE"
-        assert run.info.run_name == f"sru_cru_order-{number}-{trial.params['scconv.order']}"
+        assert run.info.run_name == f"smoke-{number}-{trial.params['scconv.order']}"
         assert trial.user_attrs[RUN_ID_ATTR] == run.info.run_id
         assert run.data.params["scconv.order"] == trial.params["scconv.order"]
         assert run.data.params["epochs"] == "1"
@@ -148,29 +148,29 @@ def test_rerun_of_finished_study_trains_nothing_and_prints_the_table(grid_env, m
         raise AssertionError("a finished study trained a trial")
 
     monkeypatch.setattr(ablate.train, "run_training", no_training)
-    before = all_trials(grid_env.storage, "sru_cru_order")
-    assert run_cli("--space", "sru_cru_order", *TINY_SET, storage=grid_env.storage, tracking=grid_env.tracking) == 0
-    after = all_trials(grid_env.storage, "sru_cru_order")
+    before = all_trials(grid_env.storage, "smoke")
+    assert run_cli("--space", "smoke", *TINY_SET, storage=grid_env.storage, tracking=grid_env.tracking) == 0
+    after = all_trials(grid_env.storage, "smoke")
     assert [(t.number, t.state) for t in after] == [(t.number, t.state) for t in before]
-    assert len(runs(grid_env.tracking, "sru_cru_order")) == 6
-    assert len(runs(grid_env.tracking, "sru_cru_order", role="study")) == 1
+    assert len(runs(grid_env.tracking, "smoke")) == 6
+    assert len(runs(grid_env.tracking, "smoke", role="study")) == 1
     out = capsys.readouterr().out
     for order in ORDERS:
         assert f" {order} COMPLETE" in " ".join(out.split())
-    assert "ablate ui" in out and "analysis report --experiment sru_cru_order" in out
+    assert "ablate ui" in out and "analysis report --experiment smoke" in out
 
 
 def test_rerun_with_other_settings_is_refused(grid_env, capsys):
-    args = ["--space", "sru_cru_order", "--set", "epochs=2", *TINY_SET[2:]]
+    args = ["--space", "smoke", "--set", "epochs=2", *TINY_SET[2:]]
     assert run_cli(*args, storage=grid_env.storage, tracking=grid_env.tracking) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "epochs=1" in err and "epochs=2" in err and "--study-name" in err
-    assert len(all_trials(grid_env.storage, "sru_cru_order")) == 6
+    assert len(all_trials(grid_env.storage, "smoke")) == 6
 
 
 def test_status_prints_the_trial_table(grid_env, capsys):
-    args = ["status", "--space", "sru_cru_order", "--storage", grid_env.storage, "--tracking-uri", grid_env.tracking]
+    args = ["status", "--space", "smoke", "--storage", grid_env.storage, "--tracking-uri", grid_env.tracking]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "mlflow_run_id" in out and out.count("COMPLETE") == 6
@@ -178,7 +178,7 @@ def test_status_prints_the_trial_table(grid_env, capsys):
 
 def test_status_of_a_missing_store_creates_nothing(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert main(["status", "--space", "sru_cru_order", "--storage", storage]) == 2
+    assert main(["status", "--space", "smoke", "--storage", storage]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -187,9 +187,9 @@ def test_status_of_a_missing_store_creates_nothing(tmp_path, capsys):
 
 
 def test_two_workers_on_sqlite_train_each_cell_once(tracking_uri, storage_url):
-    assert run_cli("--space", "sru_cru_order", *TINY_SET, "--workers", "2", "--heartbeat", "1",
+    assert run_cli("--space", "smoke", *TINY_SET, "--workers", "2", "--heartbeat", "1",
                    storage=storage_url, tracking=tracking_uri) == 0
-    assert_each_cell_once(storage_url, tracking_uri, "sru_cru_order", load_space("sru_cru_order").cells())
+    assert_each_cell_once(storage_url, tracking_uri, "smoke", load_space("smoke").cells())
 
 
 @pytest.mark.postgres
@@ -198,9 +198,9 @@ def test_two_workers_on_postgresql_train_each_cell_once(tracking_uri):
     if not url:
         pytest.skip("SCCONV_TEST_POSTGRES_URL is unset (.ci/run starts a PostgreSQL server and sets it)")
     name = f"pg-{uuid.uuid4().hex[:12]}"  # reruns on the same database never collide
-    assert run_cli("--space", "sru_cru_order", *TINY_SET, "--workers", "2", "--heartbeat", "1",
+    assert run_cli("--space", "smoke", *TINY_SET, "--workers", "2", "--heartbeat", "1",
                    "--study-name", name, storage=url, tracking=tracking_uri) == 0
-    assert_each_cell_once(url, tracking_uri, name, load_space("sru_cru_order").cells())
+    assert_each_cell_once(url, tracking_uri, name, load_space("smoke").cells())
 
 
 def _running_trial_with_run(db: Path) -> str | None:
@@ -309,7 +309,7 @@ def test_pruned_trial_ends_killed_with_state_tag(tmp_path, tracking_uri, storage
 def test_pruner_names_map_to_optuna_pruners():
     space = load_space("tpe_alpha")
     assert isinstance(make_pruner(space), optuna.pruners.MedianPruner)
-    assert isinstance(make_pruner(load_space("sru_cru_order")), optuna.pruners.NopPruner)
+    assert isinstance(make_pruner(load_space("smoke")), optuna.pruners.NopPruner)
     from dataclasses import replace
 
     assert isinstance(make_pruner(replace(space, pruner="hyperband")), optuna.pruners.HyperbandPruner)
@@ -389,14 +389,14 @@ def test_sampled_space_runs_n_trials_and_a_rerun_adds_none(tmp_path, tracking_ur
 
 
 def test_n_trials_limits_a_grid_and_a_rerun_enqueues_the_rest(tracking_uri, storage_url):
-    space = load_space("sru_cru_order")
+    space = load_space("smoke")
     first = StudySettings(space=space, storage_url=storage_url, tracking_uri=tracking_uri,
-                          study_name="sru_cru_order", overrides={}, n_trials=2, progress=False)
+                          study_name="smoke", overrides={}, n_trials=2, progress=False)
     study, _, _ = prepare(first)
     assert [t.params for t in study.get_trials()] == [{}, {}]  # enqueued, not started
     assert [t.user_attrs[CELL_ATTR] for t in study.get_trials()] == space.cells()[:2]
     second = StudySettings(space=space, storage_url=storage_url, tracking_uri=tracking_uri,
-                           study_name="sru_cru_order", overrides={}, progress=False)
+                           study_name="smoke", overrides={}, progress=False)
     study, _, _ = prepare(second)
     assert [t.user_attrs[CELL_ATTR] for t in study.get_trials()] == space.cells()
 
@@ -428,7 +428,8 @@ def test_spaces_lists_every_shipped_space(capsys):
     assert main(["spaces"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == available()
-    assert any("grid of 6" in line for line in out if line.startswith("sru_cru_order"))
+    assert any("grid of 6" in line for line in out if line.startswith("smoke"))
+    assert any("grid of 30" in line for line in out if line.startswith("sru_cru_order"))
 
 
 BAD_TOML = '[study]\nsampler = "grid"\n[base]\nepochs = = 2\n'
@@ -443,15 +444,15 @@ BAD_PARAM = '[study]\nsampler = "grid"\n[params]\n"scconv.alpha" = [0.5, 1.5]\n'
     (["--space", "{unknown_key}"], ["unknown.toml:3:", "did you mean 'objective'"]),
     (["--space", "{bad_base}"], ["base.toml:4:", "epochs=-1"]),
     (["--space", "{bad_param}"], ["param.toml:4:", "scconv.alpha=1.5"]),
-    (["--space", "sru_cru_order", "--set", "epoch=1"], ["--set", "did you mean 'epochs'"]),
-    (["--space", "sru_cru_order", "--set", "lr=fast"], ["--set lr='fast'", "a number"]),
-    (["--space", "sru_cru_order", "--set", "scconv.order=none"], ["sweeps scconv.order"]),
-    (["--space", "sru_cru_order", "--workers", "0"], ["workers=0", "an integer >= 1"]),
-    (["--space", "sru_cru_order", "--n-trials", "0"], ["n_trials=0"]),
-    (["--space", "sru_cru_order", "--heartbeat", "0"], ["heartbeat=0"]),
-    (["--space", "sru_cru_order", "--study-name", "a b"], ["study_name='a b'"]),
-    (["--space", "sru_cru_order", "--workers", "two"], ["invalid int value"]),
-    (["--space", "sru_cru_order", "--storage", "optuna.db"], ["storage='optuna.db'", "sqlite:///"]),
+    (["--space", "smoke", "--set", "epoch=1"], ["--set", "did you mean 'epochs'"]),
+    (["--space", "smoke", "--set", "lr=fast"], ["--set lr='fast'", "a number"]),
+    (["--space", "smoke", "--set", "scconv.order=none"], ["sweeps scconv.order"]),
+    (["--space", "smoke", "--workers", "0"], ["workers=0", "an integer >= 1"]),
+    (["--space", "smoke", "--n-trials", "0"], ["n_trials=0"]),
+    (["--space", "smoke", "--heartbeat", "0"], ["heartbeat=0"]),
+    (["--space", "smoke", "--study-name", "a b"], ["study_name='a b'"]),
+    (["--space", "smoke", "--workers", "two"], ["invalid int value"]),
+    (["--space", "smoke", "--storage", "optuna.db"], ["storage='optuna.db'", "sqlite:///"]),
     (["--space", "replication_cifar100", "--set", "data_root={tmp}/no-data"], ["dataset 'cifar100' not found"]),
 ])
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys, args, words):
