@@ -32,7 +32,8 @@ ORDER_PARAM = "scconv.order"
 BASELINE_ORDER = "none"
 #: Params that name or place a run without changing what is trained; never used to group runs.
 BOOKKEEPING_PARAMS = frozenset(
-    {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size"}
+    {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size",
+     "compile", "checkpoint_every_minutes", "num_threads", "decode"}
 )
 _MISSING = "<unset>"
 _PAGE = 1000
