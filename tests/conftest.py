@@ -1,5 +1,6 @@
 """Shared test set-up: no telemetry, no network beyond 127.0.0.1, never the repo's mlruns/."""
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -7,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +17,11 @@ import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# A test that forgets the tracking_uri fixture (or a subprocess it starts) must never write to the user's store
+# (an MLFLOW_TRACKING_URI of their shell) nor to MLflow's default mlflow.db in the working directory.
+_SESSION_STORE = Path(tempfile.mkdtemp(prefix="ablate-tests-"))
+atexit.register(shutil.rmtree, _SESSION_STORE, True)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_STORE / 'mlflow.db'}"
 
 
 @pytest.fixture(autouse=True)
