@@ -224,6 +224,8 @@ class RunConfig:
     run_name: str | None = None  #: MLflow run name (None: the variant label)
     log_checkpoint: bool = True  #: log the final checkpoint as an MLflow artifact
     checkpoint_every_minutes: float = 10.0  #: inside a long epoch, checkpoint (and upload) at least this often
+    system_metrics: bool = True  #: sample CPU, memory (and the run's GPU) into the run as MLflow system metrics
+    gate_metrics_per_layer: bool = False  #: also log every layer's gate statistics as metrics (they are always in gate_stats.csv)
 
     def __post_init__(self) -> None:
         check("experiment", self.experiment, isinstance(self.experiment, str) and self.experiment.strip() != "", "a non-empty name")

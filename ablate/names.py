@@ -39,7 +39,9 @@ SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings 
 # -- artifacts of a training run ----------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.json"  #: the run's full RunConfig as JSON
 HISTORY_ARTIFACT = "history.csv"  #: one row per epoch, every logged metric
-GATE_STATS_ARTIFACT = "gate_stats.csv"  #: per-layer gate statistics per epoch
+GATE_STATS_ARTIFACT = "gate_stats.csv"  #: per-layer gate statistics per epoch, long form (GATE_STATS_COLUMNS)
+GATE_STATS_COLUMNS = ("epoch", "kind", "layer", "stat", "value")  #: the columns of GATE_STATS_ARTIFACT, in order
+GATE_HEATMAP_ARTIFACT = "gate_heatmap.html"  #: per-run heatmaps of the per-layer gate statistics (mlflow.log_figure)
 PREDICTIONS_ARTIFACT = "val_predictions.npz"  #: per-example predictions and losses per epoch
 CHECKPOINT_DIR = "checkpoint"  #: artifact folder of the checkpoint
 CHECKPOINT_NAME = "checkpoint.pt"  #: the checkpoint file inside CHECKPOINT_DIR
@@ -83,3 +85,7 @@ def sens_metric(kind: str, eps: float) -> str:
 
 # -- metrics on runs ---------------------------------------------------------------------------------------
 COMPILE_SECONDS_METRIC = "compile_seconds"  #: wall seconds of a compiled model's first training step (its compilation)
+SUMMARY_PREFIX = "summary."  #: metrics logged once when a run ends, describing its whole curve
+#: The summary metrics of a training run (docs/tracking.md), logged at the last epoch's step.
+SUMMARY_METRICS = tuple(SUMMARY_PREFIX + name for name in (
+    "best_val_acc", "final_val_acc", "val_loss_resid_sd", "val_loss_spike_count", "peak_memory_mb", "step_seconds"))

@@ -291,21 +291,20 @@ class TrackedRun:
         history = self.client.get_metric_history(self.run_id, key)
         return max((m.step for m in history), default=-1)
 
-    def start_system_metrics(self) -> bool:
-        """Sample CPU, memory (and GPU with nvidia-ml-py) into the run; needs psutil, else skipped."""
-        if importlib.util.find_spec("psutil") is None:
-            return False
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def start_system_metrics(self, device=None, enabled: bool = True) -> bool:
+        """Sample CPU and memory (and ``device``'s GPU with nvidia-ml-py) into the run while it runs; needs psutil
+        and ``enabled`` (``RunConfig.system_metrics``), and MLflow's own switch not set to false."""
+        from ablate.ui.system import start_system_metrics
 
-        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
-        self._monitor.start()
-        return True
+        self._monitor = start_system_metrics(self.run_id, self.client.tracking_uri, device, configured=enabled)
+        return self._monitor is not None
 
     def end(self, status: str) -> None:
         """Stop system metrics and set the final status."""
         if self._monitor is not None:
-            with contextlib.suppress(Exception):
-                self._monitor.finish()
+            from ablate.ui.system import stop_system_metrics
+
+            stop_system_metrics(self._monitor)
             self._monitor = None
         self.status = status
         self.client.set_terminated(self.run_id, status=status)

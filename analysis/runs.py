@@ -24,7 +24,7 @@ import pandas as pd
 
 from ablate.config import RunConfig
 from ablate.errors import ConfigError
-from ablate.names import ROLE_REPORT, ROLE_STUDY, ROLE_TAG
+from ablate.names import GATE_STATS_ARTIFACT, HISTORY_ARTIFACT, ROLE_REPORT, ROLE_STUDY, ROLE_TAG, GateKey
 
 REQUIRED_METRICS = ("train_loss", "val_loss")
 SEED_PARAM = "seed"
@@ -33,7 +33,7 @@ BASELINE_ORDER = "none"
 #: Params that name or place a run without changing what is trained; never used to group runs.
 BOOKKEEPING_PARAMS = frozenset(
     {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size",
-     "compile", "checkpoint_every_minutes", "num_threads", "decode"}
+     "compile", "checkpoint_every_minutes", "num_threads", "decode", "system_metrics", "gate_metrics_per_layer"}
 )
 _MISSING = "<unset>"
 _PAGE = 1000
@@ -147,10 +147,12 @@ def fetch_histories(client, run_ids: Sequence[str], keys: Iterable[str]) -> pd.D
 # -- loading -----------------------------------------------------------------------------------
 
 
-def load_runs(client, experiment: str) -> RunSet:
+def load_runs(client, experiment: str, artifacts: bool = True) -> RunSet:
     """Read every FINISHED run of ``experiment`` that has train/val loss histories (variant not yet set).
 
-    Raises ConfigError when the experiment is unknown or no run has the needed metrics.
+    With ``artifacts``, what a run keeps as artifacts instead of metrics joins its history too
+    (:func:`artifact_history`: per-layer gate statistics, per-eps sensitivities). Raises ConfigError when the
+    experiment is unknown or no run has the needed metrics.
     """
     exp = get_experiment(client, experiment)
     finished = search_all_runs(client, exp.experiment_id, "attributes.status = 'FINISHED'")
@@ -172,10 +174,43 @@ def load_runs(client, experiment: str) -> RunSet:
     keys = {k for r in usable for k in r.data.metrics}
     run_ids = [r.info.run_id for r in usable]
     history = fetch_histories(client, run_ids, keys)
+    if artifacts:
+        extra = [artifact_history(client, r.info.run_id, set(r.data.metrics)) for r in usable]
+        history = pd.concat([history, *extra], ignore_index=True) if any(len(e) for e in extra) else history
     return RunSet(
         experiment_name=exp.name, experiment_id=exp.experiment_id,
         runs=_runs_frame(usable), params=_params_frame(usable), history=history, skipped=skipped,
     )
+
+
+def artifact_history(client, run_id: str, logged: set[str]) -> pd.DataFrame:
+    """Long rows ``run_id, epoch, metric, value`` of what a run did not log as metrics: the per-layer gate
+    statistics of ``gate_stats.csv`` as ``GateKey(kind, layer, stat).metric_name()`` (only when the run logged
+    no per-layer gate metric, so nothing is read twice), and the ``history.csv`` columns that are not among the
+    ``logged`` metric names (the per-eps sensitivities ``sens/<kind>/eps_<e>``)."""
+    import tempfile
+
+    paths = list_artifact_paths(client, run_id)
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if GATE_STATS_ARTIFACT in paths and not any(GateKey.parse(k) for k in logged):
+            gates = pd.read_csv(client.download_artifacts(run_id, GATE_STATS_ARTIFACT, tmp))
+            if len(gates):
+                names = [GateKey(str(k), str(l), str(s)).metric_name()
+                         for k, l, s in zip(gates["kind"], gates["layer"], gates["stat"])]
+                frames.append(pd.DataFrame({"run_id": run_id, "epoch": gates["epoch"], "metric": names,
+                                            "value": gates["value"]}))
+        if HISTORY_ARTIFACT in paths:
+            table = pd.read_csv(client.download_artifacts(run_id, HISTORY_ARTIFACT, tmp))
+            extra = [c for c in table.columns if c != "epoch" and c not in logged]
+            if extra and "epoch" in table:
+                long = table.melt(id_vars="epoch", value_vars=extra, var_name="metric", value_name="value")
+                frames.append(long.assign(run_id=run_id).dropna(subset=["value"]))
+    columns = ["run_id", "epoch", "metric", "value"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat([f[columns] for f in frames], ignore_index=True)
+    return out.astype({"epoch": int, "value": float})
 
 
 def _runs_frame(runs: list) -> pd.DataFrame:

@@ -80,12 +80,13 @@ def log_run(client, experiment_id: str, params: dict, metrics: dict[str, np.ndar
 
 
 def log_study(tracking_uri: str, name: str = "synthetic", noise: dict[str, float] | None = None, seeds: int = 3,
-              epochs: int = 12, predictions: bool = True, parent: bool = True) -> str:
+              epochs: int = 12, predictions: bool = True, parent: bool = True, gate_artifact: bool = False) -> str:
     """An experiment of ablate-like runs: one variant per ``noise`` key (scconv.order), ``seeds`` seeds each.
 
-    Val loss noise SD per variant comes from ``noise``; SRU variants log gate metrics for two layers;
-    each run logs val_predictions.npz when ``predictions``; ``parent`` adds a study parent run.
-    Returns the experiment id.
+    Val loss noise SD per variant comes from ``noise``; SRU variants log gate metrics for two layers, as
+    per-layer metrics, or with ``gate_artifact`` as ablate logs them by default: the ``gate_stats.csv``
+    artifact, with per-eps sensitivities as ``history.csv`` columns only; each run logs val_predictions.npz
+    when ``predictions``; ``parent`` adds a study parent run. Returns the experiment id.
     """
     from mlflow import MlflowClient
 
@@ -103,14 +104,35 @@ def log_study(tracking_uri: str, name: str = "synthetic", noise: dict[str, float
             cfg = RunConfig.from_dict({"scconv.order": order, "seed": seed, "epochs": epochs,
                                        "run_name": f"{order}-s{seed}", "experiment": name})
             metrics = _curves(rng, epochs, sd)
-            metrics.update(_gate_curves(rng, metrics["val_loss"], order))
+            gate_metrics = _gate_curves(rng, metrics["val_loss"], order)
             files = []
+            if gate_artifact:
+                files += _gate_artifacts(metrics, gate_metrics, tmp)
+            else:
+                metrics.update(gate_metrics)
             if predictions:
                 files.append(_predictions(rng, epochs, 40, sd, tmp / "val_predictions.npz"))
             log_run(client, exp_id, cfg.resolved().to_params(), metrics,
                     tags={"ablate.role": "run", "ablate.variant": cfg.label()}, artifacts=files,
                     run_name=f"{order}-s{seed}")
     return exp_id
+
+
+SENS_COLUMN = "sens/out/eps_1e-02"
+
+
+def _gate_artifacts(metrics: dict[str, np.ndarray], gate_metrics: dict[str, np.ndarray], tmp: Path) -> list[Path]:
+    """``gate_stats.csv`` (long form, ablate's column order) and ``history.csv`` with a sensitivity column that is
+    no metric, as a run with the default ``gate_metrics_per_layer = false`` keeps them."""
+    from ablate.names import GATE_STATS_COLUMNS, GateKey
+
+    rows = [(epoch, key.kind, key.layer, key.stat, float(v)) for name, values in gate_metrics.items()
+            for key in [GateKey.parse(name)] for epoch, v in enumerate(values)]
+    pd.DataFrame(rows, columns=list(GATE_STATS_COLUMNS)).to_csv(tmp / "gate_stats.csv", index=False)
+    epochs = len(metrics["val_loss"])
+    history = pd.DataFrame({"epoch": range(epochs), **metrics, SENS_COLUMN: np.linspace(1.0, 2.0, epochs)})
+    history.to_csv(tmp / "history.csv", index=False)
+    return [tmp / "gate_stats.csv", tmp / "history.csv"]
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -236,3 +258,45 @@ def test_foreign_runs_without_params_form_one_variant(store):
         log_run(raw, exp, {"seed": seed}, {"val_loss": np.linspace(1, 0.5, 6), "train_loss": np.linspace(1, 0.2, 6)})
     rs = assign_variants(load_runs(make_client(store), "foreign"))
     assert rs.group_by == () and rs.variants == ["all"] and rs.baseline == "all"
+
+
+def test_gate_statistics_and_sensitivities_kept_as_artifacts_read_back_as_metrics(store):
+    """Both ways a run keeps per-layer gate statistics (metrics, or the default gate_stats.csv) give the same
+    history; history.csv columns that are no metric (the per-eps sensitivities) join it too."""
+    from analysis.runs import load_runs, make_client
+
+    log_study(store, "as_metrics", seeds=1, predictions=False)
+    log_study(store, "as_artifact", seeds=1, predictions=False, gate_artifact=True)
+    client = make_client(store)
+    frames = {}
+    for name in ("as_metrics", "as_artifact"):
+        rs = load_runs(client, name)
+        h = rs.history.join(rs.runs["run_name"], on="run_id")
+        frames[name] = h.drop(columns="run_id").sort_values(["run_name", "metric", "epoch"]).reset_index(drop=True)
+    gate = frames["as_artifact"]["metric"].str.match(r"^(sru|cru)/")
+    assert gate.sum() == 12 * (5 * 2 * 2 + 2 * 2)  # sru: 5 stats x 2 layers x 2 variants; cru: 2 x 2 x 1
+    sens = frames["as_artifact"]["metric"] == SENS_COLUMN
+    assert sens.sum() == 3 * 12 and SENS_COLUMN not in set(frames["as_metrics"]["metric"])
+    pd.testing.assert_frame_equal(frames["as_artifact"][~sens].reset_index(drop=True), frames["as_metrics"],
+                                  check_exact=False, rtol=1e-12)
+    without = load_runs(client, "as_artifact", artifacts=False).history
+    assert not without["metric"].str.match(r"^(sru|cru)/").any()
+
+
+def test_gate_statistics_logged_as_metrics_are_not_read_twice(store, tmp_path):
+    """A run that logged per-layer gate metrics and also has gate_stats.csv keeps one point per epoch and key."""
+    from mlflow import MlflowClient
+
+    from analysis.runs import load_runs, make_client
+
+    log_study(store, "both", seeds=1, predictions=False)
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("both").experiment_id
+    run = client.search_runs([exp], "params.`scconv.order` = 'sru'")[0]
+    pd.DataFrame([(0, "sru", "layer1.0.conv2", "flip_share", 99.0)], columns=["epoch", "kind", "layer", "stat",
+                                                                              "value"]).to_csv(tmp_path / "gate_stats.csv", index=False)
+    client.log_artifact(run.info.run_id, str(tmp_path / "gate_stats.csv"))
+    h = load_runs(make_client(store), "both").history
+    mine = h[(h["run_id"] == run.info.run_id) & (h["metric"] == "sru/layer1.0.conv2/flip_share")]
+    assert len(mine) == 12 and 99.0 not in set(mine["value"])
+

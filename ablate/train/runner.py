@@ -26,8 +26,9 @@ from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.errors import CheckpointError
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
-    GATE_STATS_ARTIFACT, HISTORY_ARTIFACT, OPTUNA_STATE_TAG, PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG,
-    RESUMED_FROM_RUN_TAG, VARIANT_TAG,
+    GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
+    PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS, SUMMARY_METRICS, SUMMARY_PREFIX, VARIANT_TAG,
+    GateKey,
 )
 from ablate.train.checkpoint import (
     RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
@@ -108,19 +109,23 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
     else:
         if resume_state is not None:
             resumed[RESUMED_FROM_RUN_TAG] = continue_from
+        from ablate.ui import RUN_COLOR_TAG, source_tags, variant_color
+
         experiment_id = track.ensure_experiment(client, cfg.experiment)
         run = track.TrackedRun.start(
             client, experiment_id, run_name or cfg.run_name or cfg.label(), cfg.to_params(),
-            {VARIANT_TAG: cfg.label(), DEVICE_TAG: device_name(device), **(tags or {}), **resumed},
+            {VARIANT_TAG: cfg.label(), DEVICE_TAG: device_name(device), RUN_COLOR_TAG: variant_color(cfg.label()),
+             **source_tags("ablate train"), **(tags or {}), **resumed},
             parent_run_id=parent_run_id,
         )
     if on_start is not None:
         on_start(run.run_id)
     trainer.attach(run)
     with run:
-        run.start_system_metrics()
+        run.start_system_metrics(device, enabled=cfg.system_metrics)
         if not resume_run_id:
             _log_json(run, cfg.to_dict(), CONFIG_ARTIFACT)
+            _log_dataset_inputs(run, cfg, bundle)
         try:
             trainer.log_restored_epochs(on_epoch)
             trainer.fit(on_epoch)
@@ -134,10 +139,12 @@ def run_training(cfg: RunConfig, *, tracking_uri: str | None = None, parent_run_
 
             trainer.finish_artifacts(keep_checkpoint=True)  # what ran stays inspectable and resumable
             if isinstance(exc, optuna.TrialPruned):
+                trainer.log_summary()
                 run.set_tags({OPTUNA_STATE_TAG: "PRUNED"})
                 run.end(track.KILLED)
             raise
         trainer.finish_artifacts(keep_checkpoint=cfg.log_checkpoint)
+        trainer.log_summary()
     return RunResult(run.run_id, run.status, len(trainer.history), trainer.history)
 
 
@@ -150,6 +157,68 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
     return model
+
+
+#: Data settings that do not change which images a run sees (left out of its dataset digest).
+_DATA_BOOKKEEPING = ("data_root", "download", "num_workers", "decode", "probe_size")
+
+
+def _log_dataset_inputs(run: track.TrackedRun, cfg: RunConfig, bundle) -> None:
+    """The run's training and validation sets as MLflow dataset inputs (the UI's Dataset column)."""
+    from dataclasses import asdict
+
+    from ablate.ui import config_digest, log_dataset_inputs
+
+    values = {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_BOOKKEEPING}
+    log_dataset_inputs(run.client, run.run_id, cfg.data.dataset, config_digest(values), len(bundle.train),
+                       len(bundle.val))
+
+
+def summary_metrics(history: list[dict[str, float]], milestones=(), step_seconds: float = float("nan")
+                    ) -> dict[str, float]:
+    """The ``summary.*`` metrics of a run's epoch history: best and final val_acc, the val_loss fluctuation of the
+    report (``analysis.fluctuation`` from the run's own settle epoch, lr milestones as breaks), peak memory and
+    ``step_seconds`` (NaN when unknown)."""
+    import math
+
+    import pandas as pd
+
+    # The one place ablate uses analysis: the summary must be the report's own metric, not a second copy of it.
+    from analysis.fluctuation import run_metrics, settle_epoch
+
+    if not history:
+        return {}
+    frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
+    breaks = tuple(int(m) for m in milestones or ())
+    fluctuation = run_metrics(frame, from_epoch=settle_epoch(frame, breaks=breaks) or 0, breaks=breaks)
+    acc = [v for v in frame["val_acc"] if math.isfinite(v)] if "val_acc" in frame else []
+    memory = [v for v in frame["peak_memory_mb"] if math.isfinite(v)] if "peak_memory_mb" in frame else []
+    values = {
+        "best_val_acc": max(acc, default=math.nan),
+        "final_val_acc": float(frame["val_acc"].iloc[-1]) if "val_acc" in frame else math.nan,
+        "val_loss_resid_sd": fluctuation.get("val_loss.resid_sd", math.nan),
+        "val_loss_spike_count": fluctuation.get("val_loss.spike_count", math.nan),
+        "peak_memory_mb": max(memory, default=math.nan),
+        "step_seconds": step_seconds,
+    }
+    return {name: float(values[name.removeprefix(SUMMARY_PREFIX)]) for name in SUMMARY_METRICS}
+
+
+def epoch_metrics(row: Mapping[str, float], gates: Mapping[GateKey, float], gate_mode: str,
+                  per_layer: bool = False) -> dict[str, float]:
+    """What one epoch logs as metrics: the history row less the per-eps sensitivities (those stay in
+    history.csv; ``sens/slope`` is logged), the network-level gate means, and with ``per_layer`` every layer's
+    gate statistics as ``<kind>/<layer>/<stat>``."""
+    from ablate.ui import gate_aggregates
+
+    metrics = {k: v for k, v in row.items() if not k.startswith(_SENS_EPS_PREFIXES)}
+    metrics.update(gate_aggregates(gates, gate_mode))
+    if per_layer:
+        metrics.update({key.metric_name(): value for key, value in gates.items()})
+    return metrics
+
+
+_SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
 
 
 def _log_json(run: track.TrackedRun, payload: Any, name: str) -> None:
@@ -228,6 +297,7 @@ class _Trainer:
         self.losses: list[np.ndarray] = []
         self.target: np.ndarray | None = None
         self.start_epoch = 0
+        self.step_times: list[float] = []  # training seconds per step of each epoch this process trained
         self.feed = _EpochFeed(self)
         self.memory = PeakMemory(device)
         self.run: track.TrackedRun | None = None
@@ -294,11 +364,30 @@ class _Trainer:
         """Log the restored epochs the run lacks (all of them in a new run), one point each, and replay them."""
         logged = self.run.last_logged_step("val_loss")
         for epoch, row in enumerate(self.history):
-            metrics = _epoch_metrics(row, self.gate_rows, epoch)
+            metrics = self.epoch_metrics(row, self.gates_of(epoch))
             if epoch > logged:
                 self.run.log_metrics(metrics, step=epoch)
             if on_epoch is not None:
-                on_epoch(epoch, metrics)
+                on_epoch(epoch, {**row, **metrics})
+
+    def gates_of(self, epoch: int) -> dict[GateKey, float]:
+        """The per-layer gate statistics probed after ``epoch``."""
+        return {GateKey(kind, layer, stat): value for e, layer, kind, stat, value in self.gate_rows if e == epoch}
+
+    def epoch_metrics(self, row: Mapping[str, float], gates: Mapping[GateKey, float]) -> dict[str, float]:
+        return epoch_metrics(row, gates, self.cfg.model.scconv.gate_mode, self.cfg.gate_metrics_per_layer)
+
+    def log_summary(self) -> None:
+        """Log the ``summary.*`` metrics at the last epoch's step (nothing before the first epoch)."""
+        if self.history:
+            self.run.log_metrics(self.summary(), step=len(self.history) - 1)
+
+    def summary(self) -> dict[str, float]:
+        """The run's ``summary.*`` metrics; step time is the median over the epochs this process trained, less
+        the first when there are more (warm-up, compilation), of training seconds per step."""
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        return summary_metrics(self.history, self.cfg.train.milestones,
+                               float(np.median(times)) if times else float("nan"))
 
     # -- epochs -----------------------------------------------------------------------------
 
@@ -330,6 +419,8 @@ class _Trainer:
                     self.step_model, self.feed, self.optimizer, self.device, amp=self.amp,
                     channels_last=self.channels_last, max_steps=steps - skip, progress=inner,
                     on_first_step=(lambda s: self._compiled(epoch, s)) if compiling else None)
+            if steps > skip:
+                self.step_times.append((time.perf_counter() - start) / (steps - skip))
             if skip:  # the epoch began in an earlier process: its mean covers every batch
                 train_loss, train_acc = self.feed.means()
             if not np.isfinite(train_loss):
@@ -351,11 +442,13 @@ class _Trainer:
             self.losses.append(result.example_loss.astype(np.float16))
             self.target = result.target
             self.save(epoch)
-            metrics = {**row, **{key.metric_name(): value for key, value in gates.items()}}
+            metrics = self.epoch_metrics(row, gates)
             self.run.log_metrics(metrics, step=epoch)
+            if gates:
+                self.log_gate_stats()
             bar.set_postfix(val_loss=f"{result.loss:.4f}", val_acc=f"{result.acc:.3f}")
             if on_epoch is not None:
-                on_epoch(epoch, metrics)
+                on_epoch(epoch, {**row, **metrics})
 
     def _compiled(self, epoch: int, seconds: float) -> None:
         """The first compiled step is done: say so and log its time as the compile time."""
@@ -364,21 +457,36 @@ class _Trainer:
 
     # -- artifacts --------------------------------------------------------------------------
 
+    def log_gate_stats(self) -> None:
+        """(Re)write the per-layer gate statistics of every epoch so far as ``gate_stats.csv``, long form
+        ``epoch, kind, layer, stat, value``: after each epoch, so a run that dies keeps them too."""
+        import pandas as pd
+
+        out = self.workdir / "gates"
+        out.mkdir(exist_ok=True)
+        frame = pd.DataFrame(self.gate_rows, columns=["epoch", "layer", "kind", "stat", "value"])
+        frame[list(GATE_STATS_COLUMNS)].to_csv(out / GATE_STATS_ARTIFACT, index=False)
+        self.run.log_artifact(out / GATE_STATS_ARTIFACT)
+
     def finish_artifacts(self, keep_checkpoint: bool) -> None:
-        """Log the history, gate statistics and predictions artifacts; keep or drop the checkpoint (uploaded at
-        every write, so nothing is left to upload here)."""
+        """Log the history, gate statistics (table and heatmap) and predictions artifacts; keep or drop the
+        checkpoint (uploaded at every write, so nothing is left to upload here)."""
         import pandas as pd
 
         out = self.workdir / "out"
         out.mkdir(exist_ok=True)
         if self.history:
             pd.DataFrame(self.history).rename_axis("epoch").reset_index().to_csv(out / HISTORY_ARTIFACT, index=False)
-            pd.DataFrame(self.gate_rows, columns=["epoch", "layer", "kind", "stat", "value"]).to_csv(
-                out / GATE_STATS_ARTIFACT, index=False)
             np.savez_compressed(out / PREDICTIONS_ARTIFACT, pred=np.stack(self.preds), loss=np.stack(self.losses),
                                 target=self.target)
             for path in sorted(out.iterdir()):
                 self.run.log_artifact(path)
+            if self.gate_rows:
+                from ablate.ui import gate_heatmap_info, gate_heatmap_plot
+
+                self.log_gate_stats()
+                info = gate_heatmap_info(self.gate_rows, self.cfg.model.scconv.gate_mode)
+                self.run.client.log_figure(self.run.run_id, gate_heatmap_plot(info), GATE_HEATMAP_ARTIFACT)
         if not keep_checkpoint:
             _delete_checkpoint(self.run, self.ckpt_path, self.upload)
         shutil.rmtree(self.workdir, ignore_errors=True)  # the temp copy of an uploaded checkpoint goes too
@@ -482,8 +590,3 @@ def _delete_checkpoint(run: track.TrackedRun, path: Path, uploaded: bool) -> Non
         get_artifact_repository(run.artifact_uri, tracking_uri=run.client.tracking_uri).delete_artifacts(CHECKPOINT_DIR)
     except Exception as e:  # noqa: BLE001 - a store that cannot delete keeps it; the run's result stands
         logging.getLogger(__name__).warning("could not delete the checkpoint of run %s: %s", run.run_id, e)
-
-
-def _epoch_metrics(row: dict[str, float], gate_rows, epoch: int) -> dict[str, float]:
-    gates = {f"{kind}/{layer}/{stat}": value for e, layer, kind, stat, value in gate_rows if e == epoch}
-    return {**row, **gates}

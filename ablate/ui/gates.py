@@ -10,7 +10,7 @@ initial values.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from ablate.names import GateKey
 
@@ -50,3 +50,50 @@ def gate_aggregates(gate_stats: Mapping[GateKey, float], gate_mode: str,
         finite = [v for v in vals if math.isfinite(v)]
         out[gate_metric(kind, stat)] = math.fsum(finite) / len(finite) if finite else math.nan
     return out
+
+
+class GateHeatmapInfo(NamedTuple):
+    """One panel per aggregated statistic: its metric name, the layers (rows), the epochs (columns) and the
+    values (NaN where a layer has no value at an epoch)."""
+
+    panels: tuple[tuple[str, tuple[str, ...], tuple[int, ...], tuple[tuple[float, ...], ...]], ...]
+
+
+def gate_heatmap_info(gate_rows: Iterable[tuple[int, str, str, str, float]], gate_mode: str,
+                      stats: Mapping[str, Iterable[str]] = AGGREGATE_STATS) -> GateHeatmapInfo:
+    """Per-layer values over epochs of each aggregated statistic, from ``(epoch, layer, kind, stat, value)`` rows,
+    less the statistics constant under ``gate_mode``."""
+    constant = CONSTANT_STATS.get(gate_mode, frozenset())
+    cells: dict[tuple[str, str], dict[tuple[str, int], float]] = {}
+    for epoch, layer, kind, stat, value in gate_rows:
+        if stat in tuple(stats.get(kind, ())) and (kind, stat) not in constant:
+            cells.setdefault((kind, stat), {})[(layer, int(epoch))] = float(value)
+    panels = []
+    for kind in stats:
+        for stat in stats[kind]:
+            values = cells.get((kind, stat))
+            if not values:
+                continue
+            layers = tuple(dict.fromkeys(layer for layer, _ in values))  # model order, as probed
+            epochs = tuple(sorted({e for _, e in values}))
+            z = tuple(tuple(values.get((layer, e), math.nan) for e in epochs) for layer in layers)
+            panels.append((gate_metric(kind, stat), layers, epochs, z))
+    return GateHeatmapInfo(tuple(panels))
+
+
+def gate_heatmap_plot(info: GateHeatmapInfo):
+    """A plotly figure: one heatmap (layers x epochs) per panel, stacked, each with its own colour scale."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    n = max(len(info.panels), 1)
+    fig = make_subplots(rows=n, cols=1, subplot_titles=[p[0] for p in info.panels] or ["no gate statistics"],
+                        vertical_spacing=min(0.08, 0.3 / n))
+    for i, (name, layers, epochs, z) in enumerate(info.panels, start=1):
+        fig.add_trace(go.Heatmap(z=[list(row) for row in z], x=list(epochs), y=list(layers), name=name,
+                                 colorscale="Viridis", colorbar={"len": 1 / n, "y": 1 - (i - 0.5) / n}),
+                      row=i, col=1)
+        fig.update_xaxes(title_text="epoch", row=i, col=1)
+    fig.update_layout(height=max(300, 60 + n * (40 + 14 * max((len(p[1]) for p in info.panels), default=1))),
+                      title="Gate statistics per layer and epoch", showlegend=False)
+    return fig
