@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from ablate import track
 from ablate.cli import main
-from ablate.names import CELL_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
+from ablate.names import CELL_ATTR, RUN_ID_ATTR, SUMMARY_METRICS, SURPLUS_ATTR
+from ablate.ui import decode_view_tag, variant_color
 from ablate.study import (
     StudySettings,
     available,
@@ -134,11 +135,29 @@ def test_mlflow_layout_parent_and_nested_children(grid):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["optuna.study"] == "smoke"
         assert run.data.tags["optuna.state"] == "COMPLETE"
-        assert run.info.run_name == f"smoke-{number}-{trial.params['scconv.order']}"
+        assert run.info.run_name == trial.params["scconv.order"]  # <variant>[-seed<k>]: smoke has no seeds
+        assert run.data.tags["mlflow.runColor"] == variant_color(trial.params["scconv.order"])
+        assert run.data.tags["mlflow.source.name"] == "ablate study"
         assert trial.user_attrs[RUN_ID_ATTR] == run.info.run_id
         assert run.data.params["scconv.order"] == trial.params["scconv.order"]
         assert run.data.params["epochs"] == "1"
         assert run.data.metrics["val_acc"] == pytest.approx(trial.value)
+
+
+def test_study_is_ready_to_compare_in_mlflows_ui(grid):
+    """The saved view and model-training kind on the experiment, its description, the study run's note."""
+    client = MlflowClient(grid.tracking)
+    exp = client.get_experiment_by_name("smoke")
+    _, state = decode_view_tag(exp.tags["mlflow.sharedViewState.ablate-compare"])
+    assert state["selectedColumns"] == ["params.`scconv.order`", "metrics.`val_acc`",
+                                        *(f"metrics.`{m}`" for m in SUMMARY_METRICS)]
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val_acc`", False)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "`scconv.order`" in exp.tags["mlflow.note.content"] and "Compare variants" in exp.tags["mlflow.note.content"]
+    (parent,) = runs(grid.tracking, "smoke", role="study")
+    note = parent.data.tags["mlflow.note.content"]
+    assert "analysis report --experiment smoke" in note
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=ablate-compare" in note
 
 
 def test_rerun_of_finished_study_trains_nothing_and_prints_the_table(grid_env, monkeypatch, capsys):

@@ -27,6 +27,7 @@ from ablate.names import (
 from ablate.study.grid import cell_label, claim_cell
 from ablate.study.settings import StudySettings
 from ablate.study.spaces import STATIC_OBJECTIVES, Range, Space
+from ablate.ui import RUN_COLOR_TAG, run_name, source_tags, variant_color
 
 
 def make_objective(settings: StudySettings, parent_id: str) -> Callable:
@@ -36,6 +37,7 @@ def make_objective(settings: StudySettings, parent_id: str) -> Callable:
     from ablate.train import run_training
 
     space = settings.space
+    labels = study_labels(space)
 
     def objective(trial: optuna.Trial):
         cell = claim_cell(trial, space) if space.is_grid else _sample(trial, space)
@@ -46,7 +48,7 @@ def make_objective(settings: StudySettings, parent_id: str) -> Callable:
         trial.set_user_attr(CELL_ATTR, cell)
         trial.set_user_attr(LABEL_ATTR, label)
         cfg = space.run_config(cell, settings.overrides, settings.study_name)
-        seed_suffix = f"-seed{cell['seed']}" if space.seeds and "seed" in cell else ""
+        seed = cell["seed"] if space.seeds and "seed" in cell else None
         primary = space.objectives[0]
         started: list[str] = []
 
@@ -65,8 +67,9 @@ def make_objective(settings: StudySettings, parent_id: str) -> Callable:
         try:
             result = run_training(
                 cfg, tracking_uri=settings.tracking_uri, parent_run_id=parent_id,
-                run_name=f"{settings.study_name}-{trial.number}-{label}{seed_suffix}",
-                tags={OPTUNA_STUDY_TAG: settings.study_name, OPTUNA_TRIAL_TAG: str(trial.number), VARIANT_TAG: label},
+                run_name=run_name(label, seed),
+                tags={OPTUNA_STUDY_TAG: settings.study_name, OPTUNA_TRIAL_TAG: str(trial.number), VARIANT_TAG: label,
+                      RUN_COLOR_TAG: variant_color(label, labels), **source_tags("ablate study")},
                 on_epoch=on_epoch, on_start=on_start, continue_from=trial.user_attrs.get(RESUME_ATTR),
                 progress=False)
         except optuna.TrialPruned:
@@ -92,6 +95,16 @@ def make_objective(settings: StudySettings, parent_id: str) -> Callable:
         return values[0] if len(values) == 1 else tuple(values)
 
     return objective
+
+
+def study_labels(space: Space) -> list[str]:
+    """The variant labels a study can have (a grid's cells; a sampled space's named variants or categorical
+    values), so that each variant's colour does not depend on which trials ran first."""
+    if space.is_grid:
+        return [cell_label(space, cell) for cell in space.cells()]
+    if space.variants and len(space.params) == 0:
+        return list(space.variants)
+    return []
 
 
 def _nan(space: Space):

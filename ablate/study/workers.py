@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -61,6 +62,7 @@ def prepare(settings: StudySettings) -> tuple[Any, str, list[tuple[dict, str]]]:
     client = track.client(settings.tracking_uri)
     experiment_id = track.ensure_experiment(client, settings.study_name)
     parent_id = _parent_run(client, experiment_id, settings)
+    describe_for_ui(client, experiment_id, parent_id, settings)
     recover_lost_runs(study, settings.tracking_uri)
     skipped: list[tuple[dict, str]] = []
     if settings.space.is_grid:
@@ -83,9 +85,51 @@ def _parent_run(client, experiment_id: str, settings: StudySettings) -> str:
               "objectives": ",".join(space.objectives), "directions": ",".join(space.directions),
               "storage": redact_url(settings.storage_url),
               **{f"base.{k}": v for k, v in space.fixed_settings(settings.overrides).items()}}
+    from ablate.ui import source_tags
+
     run = track.TrackedRun.start(client, experiment_id, settings.study_name, params,
-                                 {ROLE_TAG: ROLE_STUDY, OPTUNA_STUDY_TAG: settings.study_name})
+                                 {ROLE_TAG: ROLE_STUDY, OPTUNA_STUDY_TAG: settings.study_name,
+                                  **source_tags("ablate study")})
     return run.run_id
+
+
+def view_columns(space) -> tuple[list[str], str, bool]:
+    """(variant params, primary metric, maximize) of a study's saved view: the swept params (less the seed),
+    sorted by the first objective (val_acc when that is a static one such as params or MACs)."""
+    from ablate.study.spaces import STATIC_OBJECTIVES
+
+    params = [k for k in space.params if k != "seed"]
+    if space.variants:  # a named variant sets several params: show the ones any variant sets
+        params += [k for v in space.variants.values() for k in v if k not in params]
+    primary, direction = space.objectives[0], space.directions[0]
+    if primary in STATIC_OBJECTIVES:
+        primary, direction = "val_acc", "maximize"
+    return params, primary, direction == "maximize"
+
+
+def describe_for_ui(client, experiment_id: str, parent_id: str, settings: StudySettings) -> None:
+    """What makes the study readable in MLflow's UI (docs/ui.md): the saved comparison view and the model-training
+    kind on the experiment, its description, and the study run's note (the report link comes with the report)."""
+    import mlflow
+
+    from ablate.names import SUMMARY_METRICS
+    from ablate.ui import (
+        NOTE_TAG, SAVED_VIEW_ID, comparison_view_tags, experiment_description, experiment_kind_tags, parent_note,
+        runs_url, ui_base,
+    )
+
+    params, primary, maximize = view_columns(settings.space)
+    view = comparison_view_tags(mlflow.__version__, params, SUMMARY_METRICS, primary_metric=primary,
+                                maximize=maximize, extra_metrics=())
+    report = f"analysis report --experiment {shlex.quote(settings.study_name)}"
+    description = experiment_description(settings.study_name, variant_params=params, primary_metric=primary,
+                                         view_name="Compare variants" if view else None, report_command=report)
+    for key, value in {**view, **experiment_kind_tags(), NOTE_TAG: description}.items():
+        client.set_experiment_tag(experiment_id, key, value)
+    view_url = runs_url(ui_base(settings.tracking_uri), experiment_id, SAVED_VIEW_ID if view else None)
+    if NOTE_TAG not in client.get_run(parent_id).data.tags:  # a rerun keeps the note a report wrote
+        client.set_tag(parent_id, NOTE_TAG, parent_note(None, study=settings.study_name, view_url=view_url,
+                                                        report_command=report))
 
 
 def _next_step(study) -> str:
