@@ -18,6 +18,7 @@ FAILURE_TAG = "failure"  #: why a run ended FAILED or KILLED (exception name, ``
 REPORT_BASELINE_TAG = "ablate.report.baseline"  #: the variant a report compares against
 REPORT_GROUP_BY_TAG = "ablate.report.group_by"  #: the params that define a report's groups
 REPORT_FROM_EPOCH_TAG = "ablate.report.from_epoch"  #: the first epoch a report's metrics use
+REPORT_BEST_VARIANT_TAG = "ablate.report.best_variant"  #: the variant with the highest mean final val_acc
 PARENT_RUN_TAG = "mlflow.parentRunId"  #: MLflow's own: nests a trial's run under its study's run
 RESUMED_FROM_RUN_TAG = "ablate.resumed_from_run"  #: the run whose checkpoint a run continued (a retried trial)
 RESUMED_FROM_EPOCH_TAG = "ablate.resumed_from_epoch"  #: the first epoch a run trained after restoring a checkpoint

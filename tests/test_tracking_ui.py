@@ -130,6 +130,74 @@ def test_server_stores_the_view_and_serves_it_back(mlflow_server):
     assert state["groupBy"]["groupByKeys"][0]["groupByData"] == VARIANT_TAG
 
 
+def _rest(server: str, path: str, payload: dict | None = None) -> dict:
+    """One call of the server's REST API: GET, or POST with a JSON body."""
+    data = None if payload is None else json.dumps(payload).encode("utf-8")
+    request = urllib.request.Request(f"{server}/api/2.0/mlflow/{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+#: The smoke space cut to two trials of three tiny epochs: the smallest study with a report.
+SERVED_STUDY = ["--n-trials", "2", "--set", "epochs=3", "--set", "max_steps_per_epoch=2", "--set", "image_size=16",
+                "--set", "batch_size=32", "--set", "probe_size=16", "--quiet"]
+
+
+def test_served_study_reads_as_named_coloured_runs_with_summaries_a_view_and_a_linked_report(
+        http_tracking, tmp_path, capsys):
+    """A small study and its report on the real ``mlflow server`` (127.0.0.1), checked over its REST API as the UI
+    reads them; ``ablate ui`` prints the same links."""
+    from ablate.cli import main
+    from ablate.names import SUMMARY_METRICS
+    from analysis.report import make_report
+    from analysis.runs import make_client
+
+    server, name = http_tracking, f"ui-study-{time.time_ns()}"
+    rc = main(["study", "--space", "smoke", "--study-name", name, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+               "--tracking-uri", server, *SERVED_STUDY])
+    assert rc == 0
+    make_report(make_client(server), name, tmp_path / "report")
+
+    exp = _rest(server, f"experiments/get-by-name?experiment_name={name}")["experiment"]
+    exp_tags = {t["key"]: t["value"] for t in exp["tags"]}
+    _, state = view.decode_view_tag(exp_tags["mlflow.sharedViewState." + view.SAVED_VIEW_ID])
+    assert {f"metrics.`{m}`" for m in SUMMARY_METRICS} <= set(state["selectedColumns"])
+    assert "params.`scconv.order`" in state["selectedColumns"]
+    assert exp_tags["mlflow.experimentKind"] == view.MODEL_TRAINING_KIND
+    found = _rest(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    by_role: dict[str, list] = {}
+    for run in found:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        by_role.setdefault(tags["ablate.role"], []).append((run, tags))
+    (parent, parent_tags), = by_role["study"]
+    children = by_role["run"]
+    assert len(children) == 2
+    for run, tags in children:
+        order = next(p["value"] for p in run["data"]["params"] if p["key"] == "scconv.order")
+        assert run["info"]["run_name"] == order == tags["ablate.variant"]  # the variant, whole
+        assert tags["mlflow.runColor"] == palette.variant_color(order)
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert set(SUMMARY_METRICS) <= set(metrics)
+        assert metrics["summary.best_val_acc"] >= metrics["summary.final_val_acc"] >= 0.0
+        assert len(metrics) <= 20, sorted(metrics)
+        assert not any(k.startswith(("sru/", "cru/", "sens/out/", "sens/loss/")) for k in metrics)
+    report = links.artifact_url(server, exp["experiment_id"], parent["info"]["run_id"], "report/index.html")
+    note = parent_tags[text.NOTE_TAG]
+    assert f"]({report})" in note
+    assert "report.best_val_acc" in {m["key"] for m in parent["data"]["metrics"]}
+    assert parent_tags["ablate.report.best_variant"] in {tags["ablate.variant"] for _, tags in children}
+    with urllib.request.urlopen(f"{server}/get-artifact?path=report/index.html&run_uuid={parent['info']['run_id']}",
+                                timeout=30) as response:  # what the note's link opens
+        assert response.status == 200 and b"plotly" in response.read()
+
+    capsys.readouterr()
+    assert main(["ui", "--tracking-uri", server]) == 0
+    out = capsys.readouterr().out
+    assert f"study {name}:" in out and f"report:  {report}" in out
+    assert links.runs_url(server, exp["experiment_id"], view.SAVED_VIEW_ID) in out
+
+
 # -- colours, names, notes, links ---------------------------------------------------------------------------
 
 

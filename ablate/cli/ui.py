@@ -49,6 +49,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = track.resolve_tracking_uri(args.tracking_uri)
     if track.is_http(uri):
         print(f"MLflow UI on {redact_url(uri)} (served by the tracking server)")
+        try:
+            print_links(track.client(uri), uri, args.port)
+        except ConfigError as e:  # the address is what was asked for; the links need the server to answer
+            print(f"(no study links: {e})")
         return 0
     check_port_free(args.port)
     db = track.sqlite_path(uri)
@@ -65,11 +69,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_FAILURE
         print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+        print_links(track.client(uri), uri, args.port)
         return server.wait()
     finally:
         if server.poll() is None:
             server.terminate()
             server.wait()
+
+
+def print_links(client, uri: str, port: int) -> None:
+    """Print each study's direct links (runs page in model-training mode with the comparison view, compare page,
+    report); nothing when the store holds no study."""
+    from ablate.ui import format_study_links, study_links
+
+    for line in format_study_links(study_links(client, uri, port=port)):
+        print(line, flush=True)
 
 
 def _wait_listening(server: subprocess.Popen, port: int) -> bool:

@@ -4,6 +4,7 @@ of its runs, and its report artifact. The UI routes after ``#`` are those of MLf
 from __future__ import annotations
 
 import json
+import shlex
 from typing import NamedTuple, Sequence
 from urllib.parse import quote, urlencode, urlparse
 
@@ -64,3 +65,52 @@ def ui_links(tracking_uri: str, experiment_id: str, run_ids: Sequence[str], pare
     if parent_run_id:
         report = artifact_url(base, experiment_id, parent_run_id, f"{REPORT_ARTIFACT_DIR}/{REPORT_PAGE}")
     return UiLinks(runs_url(base, experiment_id, view_id), compare_url(base, experiment_id, run_ids), report)
+
+
+class StudyLinks(NamedTuple):
+    """The links of one study in the store, and whether its report exists yet."""
+
+    study: str
+    links: UiLinks
+    has_report: bool
+
+
+def study_links(client, tracking_uri: str, *, port: int = DEFAULT_UI_PORT, experiment: str | None = None
+                ) -> list[StudyLinks]:
+    """The links of every study in the store (or of ``experiment``): the latest run tagged ``ablate.role = study``
+    of each experiment, its finished child runs, its report."""
+    from ablate.names import PARENT_RUN_TAG, ROLE_STUDY, ROLE_TAG
+    from ablate.ui.view import SAVED_VIEW_ID, SAVED_VIEW_TAG_PREFIX
+
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        experiments = [found] if found is not None and found.lifecycle_stage == "active" else []
+    else:
+        experiments = client.search_experiments()
+    out = []
+    for exp in sorted(experiments, key=lambda e: e.name):
+        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            continue
+        parent = parents[0].info.run_id
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"], max_results=1000)
+        view_id = SAVED_VIEW_ID if SAVED_VIEW_TAG_PREFIX + SAVED_VIEW_ID in exp.tags else None
+        has_report = any(f.path == REPORT_ARTIFACT_DIR for f in client.list_artifacts(parent))
+        links = ui_links(tracking_uri, exp.experiment_id, [r.info.run_id for r in children], parent, port=port,
+                         view_id=view_id)
+        out.append(StudyLinks(exp.name, links, has_report))
+    return out
+
+
+def format_study_links(found: list[StudyLinks]) -> list[str]:
+    """The lines ``ablate ui`` prints: per study its runs page, compare page and report (or how to write it)."""
+    lines = []
+    for item in found:
+        report = item.links.report if item.has_report else \
+            f"not written yet: analysis report --experiment {shlex.quote(item.study)}"
+        lines += [f"study {item.study}:", f"  runs:    {item.links.runs}", f"  compare: {item.links.compare}",
+                  f"  report:  {report}"]
+    return lines
