@@ -8,15 +8,20 @@ The trend (a learning-curve guide plus a robust LOWESS) and its leave-one-out re
 Metrics of a curve y_1..y_T (r = in-sample residual, l = leave-one-out residual):
 - ``resid_sd`` = SD(r) with ddof=1.
 - ``excess_tv`` = sum_t |y_t - y_{t-1}| - |y_T - y_1|: the path length beyond the net change;
-  0 for any monotone curve.
-- ``up_moves`` = sum_t max(y_t - y_{t-1}, 0): total rise (for val_acc the rises are improvements).
-- ``spike_count`` = #{t : |l_t - median(l)| / s > 3}, s = max(1.4826 MAD(l), resolution floor),
+  0 for any monotone curve. It equals 2 x the total movement against the net direction (2 x the
+  total rise of a curve that ends below its start), so a separate count of rises would repeat it.
+- ``spike_count`` = #{t : |l_t - median(l)| / s > 3}, s = max(1.4826 MAD(l), resolution floor,
+  second-difference noise SD ``analysis.trend.noise_sd``),
   l the standardized leave-one-out residual; both directions (val_acc dips and val_loss jumps
   both count).
 - ``hf_share`` = sum_{f > 0.25} P(f) / sum_{f > 0} P(f), P = Welch PSD of r (Hann window,
   segments of min(16, T) epochs, half overlap, mean removed per segment); 0.25 cycles/epoch is a
   period of 4 epochs. White noise gives about 0.55.
-- ``lag1_autocorr`` = sum_t (r_t - rbar)(r_{t+1} - rbar) / sum_t (r_t - rbar)^2.
+- ``lag1_autocorr`` = sum_t (r_t - rbar)(r_{t+1} - rbar) / sum_t (r_t - rbar)^2. Biased negative:
+  on white noise the plain estimator reads about -1/n, and the trend takes out part of the slow
+  variation, which pushes it further (measured, 300 curves each: -0.36 on 6 epochs, -0.27 on 10,
+  -0.25 on 15, -0.23 on 30-60; tests pin it). Read it against those values, not against 0; it is
+  an exploratory metric.
 - run level: ``val_train_resid_ratio`` = val_loss.resid_sd / train_loss.resid_sd (NaN when the
   denominator is 0 or either is NaN); ``gen_gap_final`` = val_loss - train_loss at the last epoch
   where both are logged.
@@ -37,11 +42,19 @@ drop as resid_sd, noise-free). Without breaks the drop counts: it shows up in ``
 usually as spikes around the milestone. A break with fewer than ``analysis.trend.MIN_SEGMENT`` = 3 kept points
 on either side is ignored (the step and the local lines would fit those points exactly).
 
+Window (``window_start``): the report measures fluctuation after the warm-up transient, by one rule.
+Per run, the trend of the whole val_loss curve is fitted and the run's settle epoch is the first
+epoch e with ``|trend(e) - trend(last)| <= SETTLE_FRACTION * |trend(0) - trend(last)|`` (within a
+quarter of its total change of the final level; ``analysis.trend.settle_index``). All runs share one
+window, starting at the *largest* settle epoch: a variant that learns more slowly must not have its
+transient counted while a faster one does not (that would read as a fluctuation effect), and the
+cost, a few epochs fewer for the fast runs, is the same for every arm. The start is capped so that
+``MIN_WINDOW`` = 6 epochs remain; ``--from-epoch`` overrides the rule.
+
 Edge cases (the rules the report relies on):
 - fewer than 2 points: every metric is NaN (no move to measure);
 - fewer than ``MIN_TREND_POINTS`` = 5 points: the trend-based metrics (``resid_sd``,
-  ``spike_count``, ``hf_share``, ``lag1_autocorr``) are NaN; ``excess_tv`` and ``up_moves``
-  are still given. Between 5 and 9 points the span shrinks to the number of points;
+  ``spike_count``, ``hf_share``, ``lag1_autocorr``) are NaN; ``excess_tv`` is still given. Between 5 and 9 points the span shrinks to the number of points;
 - any non-finite value (a diverged curve): every metric is NaN;
 - zero residual variance: ``lag1_autocorr`` and ``hf_share`` are 0 (no fluctuation, so none of
   it is correlated or high-frequency); ``spike_count`` is 0;
@@ -62,7 +75,9 @@ from analysis import trend
 from analysis.trend import MAD_TO_SD
 
 CURVES = ("val_loss", "val_acc", "train_loss")
-CURVE_METRICS = ("resid_sd", "excess_tv", "up_moves", "spike_count", "hf_share", "lag1_autocorr")
+CURVE_METRICS = ("resid_sd", "excess_tv", "spike_count", "hf_share", "lag1_autocorr")
+SETTLE_FRACTION = 0.25
+MIN_WINDOW = 6
 MIN_TREND_POINTS = 5
 SPIKE_Z = 3.0
 HF_CUTOFF = 0.25  # cycles/epoch: fluctuations with a period shorter than 4 epochs
@@ -72,12 +87,13 @@ MEANAD_TO_SD = 1.2533  # mean absolute deviation times this estimates the SD (sq
 _BASE_DOCS = {
     "resid_sd": "SD (ddof=1) of r_t = y_t - trend_t, trend = learning-curve guide + robust local-linear "
                 "LOWESS over 9 epochs (analysis.trend)",
-    "excess_tv": "sum_t |y_t - y_{t-1}| - |y_T - y_1|: path length beyond the net change (0 if monotone)",
-    "up_moves": "sum_t max(y_t - y_{t-1}, 0): total rise (for val_acc this counts improvements)",
-    "spike_count": "count of |l_t - median l| / (1.4826 MAD(l)) > 3, l = leave-one-out residual of the same "
-                   "trend over its white-noise SD (two-sided)",
+    "excess_tv": "sum_t |y_t - y_{t-1}| - |y_T - y_1|: path length beyond the net change (0 if monotone; "
+                 "2 x the movement against the net direction)",
+    "spike_count": "count of |l_t - median l| / s > 3, s = max(1.4826 MAD(l), noise SD from second differences), "
+                   "l = leave-one-out residual of the same trend over its white-noise SD (two-sided)",
     "hf_share": "Welch PSD of r: power above 0.25 cycles/epoch over power above 0 (0 if r == 0)",
-    "lag1_autocorr": "sum (r_t - rbar)(r_{t+1} - rbar) / sum (r_t - rbar)^2 (0 if r is constant)",
+    "lag1_autocorr": "sum (r_t - rbar)(r_{t+1} - rbar) / sum (r_t - rbar)^2 (0 if r is constant); white noise "
+                     "reads about -0.25 on 10-15 epochs, not 0",
 }
 
 #: One-line definition per metric, under the base name (``resid_sd``) and the full name
@@ -102,13 +118,12 @@ def curve_metrics(values: np.ndarray, breaks: Sequence[int] = ()) -> dict[str, f
     # (a ratio against a zero baseline would explode).
     excess = np.abs(steps).sum() - abs(y[-1] - y[0])
     out["excess_tv"] = float(excess) if excess > tol * y.size else 0.0
-    up = np.clip(steps, 0.0, None).sum()
-    out["up_moves"] = float(up) if up > tol * y.size else 0.0
     if y.size < MIN_TREND_POINTS:
         return out
     resid, loo_resid = trend.residuals(y, breaks=breaks)
     out["resid_sd"] = float(np.std(resid, ddof=1))
-    out["spike_count"] = float(spike_count(loo_resid, floor=trend.resolution(y)))
+    floor = max(trend.resolution(y), trend.noise_sd(y))
+    out["spike_count"] = float(spike_count(loo_resid, floor=floor))
     out["hf_share"] = hf_share(resid)
     out["lag1_autocorr"] = lag1_autocorr(resid)
     return out
@@ -189,6 +204,23 @@ def run_metrics(history: pd.DataFrame, from_epoch: int = 0, breaks: Sequence[int
         last = both.iloc[-1] if len(both) else None
         out["gen_gap_final"] = float(last["val_loss"] - last["train_loss"]) if last is not None else float("nan")
     return out
+
+
+def settle_epoch(history: pd.DataFrame, curve: str = "val_loss", breaks: Sequence[int] = ()) -> int | None:
+    """First epoch at which the curve's trend is within ``SETTLE_FRACTION`` of its final level (None: too short)."""
+    logged = history[["epoch", curve]].dropna().sort_values("epoch", kind="stable").drop_duplicates("epoch", keep="last")
+    if len(logged) < MIN_TREND_POINTS or not np.all(np.isfinite(logged[curve])):
+        return None
+    epochs = logged["epoch"].to_numpy()
+    index = trend.settle_index(logged[curve].to_numpy(dtype=np.float64), SETTLE_FRACTION,
+                               _break_positions(epochs, breaks))
+    return int(epochs[index])
+
+
+def window_start(settle_epochs: Sequence[int | None], last_epoch: int) -> int:
+    """The shared window's first epoch: the largest settle epoch, capped to leave ``MIN_WINDOW`` epochs."""
+    known = [e for e in settle_epochs if e is not None]
+    return int(min(max(known, default=0), max(last_epoch + 1 - MIN_WINDOW, 0)))
 
 
 def _break_positions(epochs: np.ndarray, breaks: Sequence[int]) -> tuple[int, ...]:

@@ -75,12 +75,16 @@ MIN_SEGMENT = 3
 MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its SD
 BISQUARE_C = 6.0  # bisquare cut-off in median absolute residuals (Cleveland 1979)
 RESOLUTION = 1e-3  # residual scales are floored at this share of the curve's (spike-free) range
-END_RATIO = 4.0  # an end point is a spike only beyond this many times its neighbour's step
+END_RATIO = 4.0  # the in-sample guide keeps an end point whose step is up to this many times its neighbour's
+MIN_END_CHECK = 6  # points needed to refit the guide without an end point (5 for the trend, plus the end)
+SETTLE_ROUNDS = 3  # alternations between the shape and the settling transients
+SETTLE_TAU_MIN = 0.25  # epochs: the fastest settling after a break the guide models
 GUIDE_TAU_MIN = 1.0  # epochs: the steepest decay the guide takes as trend (1/e per epoch)
 GUIDE_TAU_MAX = 10.0  # x curve length: slower decays are a line plus a parabola the LOWESS follows
 GUIDE_K = (0.25, 4.0)  # stretched (k < 1) to compressed (k > 1) exponential
 GUIDE_P = (0.1, 2.0)  # power-law exponents
 GUIDE_GRID = (30, 9)  # grid points for log tau (and log p), and for log k
+END_ALPHA = 0.2  # F-test level of the guide refitted without an end point (few points: lenient)
 GUIDE_ALPHA = 0.01  # a guide parameter is used only when an F-test at this level says it fits better
 GUIDE_XTOL = 1e-9  # Brent tolerance on the log parameters: exact to float32 on the families' curves
 
@@ -114,19 +118,51 @@ def resolution(y: np.ndarray, dev: np.ndarray | None = None) -> float:
     return float(RESOLUTION * np.ptp(y - (_median3_dev(y) if dev is None else dev)))
 
 
+def noise_sd(y: np.ndarray) -> float:
+    """White-noise SD from second differences, 1.4826 MAD(d2 y) / sqrt 6: no fit involved.
+
+    The spike scale is floored at it: where the trend follows a few points closely (the first epochs of a
+    steep start, the epochs after a settling lr step) their leave-one-out residuals come out small, and a
+    scale from those residuals alone would shrink and flag ordinary noise elsewhere. An isolated spike
+    moves 3 of the n - 2 second differences, so the median ignores it.
+    """
+    d2 = np.diff(y, 2)
+    if d2.size == 0:
+        return 0.0
+    return float(MAD_TO_SD * np.median(np.abs(d2 - np.median(d2))) / np.sqrt(6.0))
+
+
+def fitted(values: np.ndarray, span: int = TREND_SPAN, breaks: Sequence[int] = ()) -> np.ndarray:
+    """The trend itself (guide + robust LOWESS) of a curve."""
+    return _fit(np.asarray(values, dtype=np.float64), span, breaks)[0]
+
+
+def settle_index(values: np.ndarray, fraction: float, breaks: Sequence[int] = ()) -> int:
+    """First position where the trend is within ``fraction`` of its total change of its final level.
+
+    ``|trend_e - trend_last| <= fraction * |trend_0 - trend_last|``; 0 for a curve whose trend does not move.
+    """
+    fit = fitted(values, breaks=breaks)
+    gap = np.abs(fit - fit[-1])
+    return int(np.argmax(gap <= fraction * gap[0]))
+
+
 def _fit(y: np.ndarray, span: int, breaks: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(trend, leave-one-out operator, the same without LOWESS robustness weights).
 
-    The trend is the guide plus the robust LOWESS of ``y - guide``.
+    The trend is the guide plus the robust LOWESS of ``y - guide``. The end points are judged against
+    the guide refitted without them (``_end_designs``): nothing on one side pins them down.
     """
     n = y.size
     x = np.arange(n, dtype=np.float64)
     tol = rounding_tol(y)
     dev = _median3_dev(y)
     floor = resolution(y, dev)
-    guide_weights = _guide_weights(y, dev, tol, floor)
+    scale = max(_noise_sd(y) / MAD_TO_SD, floor)
+    guide_weights = _bisquare_weights(dev, scale, tol)
     usable = _usable_breaks(n, breaks)
-    design = _guide_design(x, y, guide_weights, usable)
+    end_designs = _end_designs(x, y, guide_weights, usable, scale, tol) if n >= MIN_END_CHECK else {}
+    design, _ = _guide_design(x, y, guide_weights, usable)
     guide = design @ _wls_coef(design, y, guide_weights)
     rest = y - guide
     kernel = _tricube_kernel(n, min(span, n), usable)
@@ -139,8 +175,40 @@ def _fit(y: np.ndarray, span: int, breaks: Sequence[int]) -> tuple[np.ndarray, n
     np.fill_diagonal(loo_kernel, 0.0)
     coef_maps = _loo_coef_maps(design, guide_weights)
     # the spike scale uses the operator with no LOWESS rejections: a spike's neighbours must not inflate it
-    return (guide + smooth @ rest, _loo_operator(design, coef_maps, loo_kernel, robust),
-            _loo_operator(design, coef_maps, loo_kernel, np.ones(n)))
+    loo = _loo_operator(design, coef_maps, loo_kernel, robust)
+    plain = _loo_operator(design, coef_maps, loo_kernel, np.ones(n))
+    for end, end_design in end_designs.items():
+        end_map = _loo_coef_maps(end_design, guide_weights)[end]
+        for op, rob in ((loo, robust), (plain, np.ones(n))):
+            row = _local_linear_matrix(loo_kernel, rob)[end]
+            op[end] = (end_design[end] - row @ end_design) @ end_map + row
+    return guide + smooth @ rest, loo, plain
+
+
+def _noise_sd(y: np.ndarray) -> float:
+    """Noise SD from the first differences (1.4826 MAD(diff y) / sqrt 2): the trend's curvature barely enters."""
+    steps = np.diff(y)
+    return float(MAD_TO_SD * np.median(np.abs(steps - np.median(steps))) / np.sqrt(2.0)) if steps.size else 0.0
+
+
+def _end_designs(x: np.ndarray, y: np.ndarray, weights: np.ndarray, breaks: Sequence[int], scale: float,
+                 tol: float) -> dict[int, np.ndarray]:
+    """Guide design refitted without each end point (for its leave-one-out residual); may raise its weight.
+
+    The guide is selected again on the other points (F-tests at ``END_ALPHA``, the other end trusted)
+    and extrapolated to the end. The end's in-sample weight becomes the larger of its running-median
+    weight and its bisquare weight against that extrapolation, so a steep start on the extrapolation
+    stays trend even when its first step is more than ``END_RATIO`` times the second.
+    """
+    out = {}
+    for end, other in ((0, -1), (x.size - 1, 0)):
+        w = weights.copy()
+        w[end], w[other] = 0.0, 1.0
+        design, _ = _guide_design(x, y, w, breaks, alpha=END_ALPHA)
+        out[end] = design
+        deviation = y[end] - design[end] @ _wls_coef(design, y, w)
+        weights[end] = max(weights[end], _bisquare_weights(np.array([deviation]), scale, tol)[0])
+    return out
 
 
 def _loo_coef_maps(design: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -178,17 +246,6 @@ def _median3_dev(y: np.ndarray) -> np.ndarray:
         for end, near, next_ in ((0, 1, 2), (-1, -2, -3)):
             med[end] = np.median([y[end], y[near], y[near] + END_RATIO * (y[near] - y[next_])])
     return y - med
-
-
-def _guide_weights(y: np.ndarray, dev: np.ndarray, tol: float, floor: float) -> np.ndarray:
-    """Bisquare weights of the running-median deviations, on the noise scale of the first differences.
-
-    The differences' MAD measures noise, not the trend's curvature, so a steep but smooth start is
-    kept while an isolated spike (15 noise SDs in the tests) gets weight 0.
-    """
-    steps = np.diff(y)
-    noise_sd = MAD_TO_SD * np.median(np.abs(steps - np.median(steps))) / np.sqrt(2.0)
-    return _bisquare_weights(dev, max(noise_sd / MAD_TO_SD, floor), tol)
 
 
 def _bisquare(resid: np.ndarray, tol: float, floor: float) -> np.ndarray:
@@ -238,35 +295,83 @@ def _shape_grids(n: int) -> dict[Callable, list[np.ndarray]]:
     }
 
 
-def _guide_design(x: np.ndarray, y: np.ndarray, w: np.ndarray, breaks: Sequence[int]) -> np.ndarray:
-    """Fixed columns, plus a shape column when it earns its place (nested F-tests at ``GUIDE_ALPHA``).
+def _guide_design(x: np.ndarray, y: np.ndarray, w: np.ndarray, breaks: Sequence[int],
+                  alpha: float = GUIDE_ALPHA) -> tuple[np.ndarray, tuple]:
+    """(design, choice): fixed columns, plus shape and settling columns when they earn their place.
 
     Line (+ steps) -> the better one-parameter shape (amplitude and tau or p: 2 parameters) ->
-    the stretched exponential (k: 1 more). A shape that does not fit better than chance would is
-    left out: on a flat or noisy curve it would only chase the first epochs' noise.
+    the stretched exponential (k: 1 more), then per break a settling transient (``_settle_column``);
+    each by a nested F-test at ``GUIDE_ALPHA``: a shape that does not fit better than chance would is
+    left out, since on a flat or noisy curve it would only chase the first epochs' noise. The shape is
+    chosen again once the transients are in. The second value (the shape family or None, and which breaks
+    settle) says what was chosen.
     """
-    fixed = _fixed_columns(x, breaks)
+    base = _fixed_columns(x, breaks)
+    tiny = x.size * rounding_tol(y) ** 2  # sums of squares at float32 rounding level count as 0
+    design, shape = _select_shape(x, y, w, base, tiny, alpha)
+    settles: dict[int, np.ndarray] = {}
+    for m in breaks:
+        column, pays = _settle_column(x, y, w, m, design, tiny, alpha)
+        if pays:
+            settles[m] = column
+            design = np.column_stack([design, column])
+    # the shape and the transients were each fitted with the other fixed: alternate a few rounds
+    for _ in range(SETTLE_ROUNDS if settles else 0):
+        design, shape = _select_shape(x, y, w, np.column_stack([base, *settles.values()]), tiny, alpha)
+        shape_columns = design[:, base.shape[1] + len(settles):]
+        for m in settles:
+            others = [c for k, c in settles.items() if k != m]
+            settles[m] = _settle_column(x, y, w, m, np.column_stack([base, *others, shape_columns]), tiny, alpha)[0]
+    if settles:
+        design, shape = _select_shape(x, y, w, np.column_stack([base, *settles.values()]), tiny, alpha)
+    return design, (shape, tuple(m in settles for m in breaks))
+
+
+def _select_shape(x: np.ndarray, y: np.ndarray, w: np.ndarray, fixed: np.ndarray, tiny: float,
+                  alpha: float) -> tuple[np.ndarray, Callable | None]:
+    """Fixed columns plus the shape column the F-tests keep (None: the line wins)."""
     sse = _projected_sse(fixed, y, w)
     fits = {shape: _best_shape(x, shape, grids, sse) for shape, grids in _shape_grids(x.size).items()}
-    simple = min(fits[_exponential], fits[_power], key=lambda fit: fit[0])
-    general = fits[_stretched_exp]
+    simple_shape = min((_exponential, _power), key=lambda shape: fits[shape][0])
+    simple, general = fits[simple_shape], fits[_stretched_exp]
     n_eff, n_fixed = float(w.sum()), fixed.shape[1]
-    tiny = x.size * rounding_tol(y) ** 2  # sums of squares at float32 rounding level count as 0
     line_sse = float(sse(np.zeros((1, x.size)))[0])
-    if not _extra_parameters_pay(line_sse, simple[0], 2, n_eff - n_fixed - 2, tiny):
-        return fixed
-    free_k = _extra_parameters_pay(simple[0], general[0], 1, n_eff - n_fixed - 3, tiny)
-    return np.column_stack([fixed, general[1] if free_k else simple[1]])
+    if not _extra_parameters_pay(line_sse, simple[0], 2, n_eff - n_fixed - 2, tiny, alpha):
+        return fixed, None
+    if _extra_parameters_pay(simple[0], general[0], 1, n_eff - n_fixed - 3, tiny, alpha):
+        return np.column_stack([fixed, general[1]]), _stretched_exp
+    return np.column_stack([fixed, simple[1]]), simple_shape
 
 
-def _extra_parameters_pay(sse_small: float, sse_big: float, extra: int, dof: float, tiny: float) -> bool:
-    """Nested-model F-test: do ``extra`` parameters cut the SSE by more than chance would at ``GUIDE_ALPHA``?"""
+def _settle_column(x: np.ndarray, y: np.ndarray, w: np.ndarray, m: int, design: np.ndarray, tiny: float,
+                   alpha: float) -> tuple[np.ndarray, bool]:
+    """``[x >= m] exp(-(x - m)/tau)`` at break m, and whether it pays (F-test, 2 parameters).
+
+    An lr drop rarely lands in one epoch: the curve settles onto its new level over the next few
+    (``tau`` in [``SETTLE_TAU_MIN``, the segment's length]); without this column the settling would be
+    left in the residual and read as spikes right after every milestone.
+    """
+    sse = _projected_sse(design, y, w)
+
+    def transient(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        after = np.clip(x[None, :] - m, 0.0, None)
+        return np.where(x[None, :] >= m, np.exp(-after / np.exp(params[:, :1])), 0.0)
+
+    grid = [np.linspace(np.log(SETTLE_TAU_MIN), np.log(max(x.size - m, 2)), GUIDE_GRID[1])]
+    fit_sse, column = _best_shape(x, transient, grid, sse)
+    base = float(sse(np.zeros((1, x.size)))[0])
+    return column, _extra_parameters_pay(base, fit_sse, 2, float(w.sum()) - design.shape[1] - 2, tiny, alpha)
+
+
+def _extra_parameters_pay(sse_small: float, sse_big: float, extra: int, dof: float, tiny: float,
+                          alpha: float = GUIDE_ALPHA) -> bool:
+    """Nested-model F-test: do ``extra`` parameters cut the SSE by more than chance would at ``alpha``?"""
     gain = sse_small - sse_big
     if gain <= tiny or dof < 1.0:
         return False
     if sse_big <= tiny:
         return True  # the bigger model is exact and the smaller one is not
-    return (gain / extra) / (sse_big / dof) > f_dist.ppf(1.0 - GUIDE_ALPHA, extra, dof)
+    return (gain / extra) / (sse_big / dof) > f_dist.ppf(1.0 - alpha, extra, dof)
 
 
 def _projected_sse(fixed: np.ndarray, y: np.ndarray, w: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
