@@ -144,6 +144,29 @@ SERVED_STUDY = ["--n-trials", "2", "--set", "epochs=3", "--set", "max_steps_per_
                 "--set", "batch_size=32", "--set", "probe_size=16", "--quiet"]
 
 
+def test_served_run_has_its_variants_name_colour_summaries_and_few_metrics(http_tracking):
+    """One tiny training run on the real ``mlflow server``, read back over REST as the UI reads it."""
+    from ablate.config import RunConfig
+    from ablate.names import SUMMARY_METRICS
+    from ablate.train import run_training
+
+    cfg = RunConfig.from_dict({"scconv.order": "sru_cru", "epochs": 2, "image_size": 16, "batch_size": 32,
+                               "max_steps_per_epoch": 2, "probe_size": 16, "experiment": f"ui-run-{time.time_ns()}",
+                               "log_checkpoint": False})
+    result = run_training(cfg, tracking_uri=http_tracking, progress=False)
+    run = _rest(http_tracking, f"runs/get?run_id={result.run_id}")["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert run["info"]["run_name"] == "resnet20/sru_cru" and tags["mlflow.runColor"] == palette.ORDER_COLORS["sru_cru"]
+    assert set(SUMMARY_METRICS) <= set(metrics) and len(metrics) <= 20, sorted(metrics)
+    assert {"gate.sru.flip_share", "gate.cru.beta_entropy", "val_acc"} <= set(metrics)
+    contexts = {i["tags"][0]["value"] for i in run["inputs"]["dataset_inputs"]}
+    assert contexts == {"train", "val"}
+    listed = {f["path"] for f in _rest(http_tracking, f"artifacts/list?run_id={result.run_id}")["files"]}
+    assert {"gate_stats.csv", "gate_heatmap.html", "history.csv"} <= listed
+
+
+@pytest.mark.slow
 def test_served_study_reads_as_named_coloured_runs_with_summaries_a_view_and_a_linked_report(
         http_tracking, tmp_path, capsys):
     """A small study and its report on the real ``mlflow server`` (127.0.0.1), checked over its REST API as the UI
@@ -379,3 +402,67 @@ def test_gpu_system_metrics_sample_only_the_runs_own_gpu(monkeypatch):
     monitor = system._device_gpu_monitor(torch.device("cuda", 2))
     assert asked == ["GPU-uuid-of-2"] and (monitor.gpu_handles, monitor.num_gpus) == (["h2"], 1)
     assert system._device_gpu_monitor(torch.device("cpu")) is None
+
+
+# -- the report on the study run, ablate ui's links, the gate heatmap ---------------------------------------
+
+
+def test_report_puts_its_link_best_variant_and_primary_ratios_on_the_study_run(store, tmp_path):
+    from test_runs import log_study
+
+    from analysis.report import build_report_data, log_report
+    from analysis.report.log import metric_key
+    from analysis.runs import make_client
+
+    log_study(store, predictions=False)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "index.html").write_text("<html></html>")  # the page's content is test_report's business
+    data = build_report_data(make_client(store), "synthetic", n_boot=200)
+    run_id = log_report(make_client(store), data, tmp_path / "r")
+    client = MlflowClient(store)
+    parent = client.get_run(run_id)
+    assert parent.data.tags["ablate.role"] == "study"
+    exp_id = parent.info.experiment_id
+    note = parent.data.tags[text.NOTE_TAG]
+    assert f"](http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}/artifacts/report/index.html)" in note
+    finals = {}
+    for run in client.search_runs([exp_id], "tags.`ablate.role` = 'run'"):
+        finals.setdefault(run.data.params["scconv.order"], []).append(run.data.metrics["val_acc"])
+    best = max(finals, key=lambda v: sum(finals[v]) / len(finals[v]))
+    assert parent.data.tags["ablate.report.best_variant"] == best
+    assert parent.data.metrics["report.best_val_acc"] == pytest.approx(sum(finals[best]) / len(finals[best]))
+    # sru_cru is the noisy variant of the synthetic study: its ratio is the large one, and it is in the note
+    ratios = {v: parent.data.metrics[f"report.val_loss.resid_sd_ratio.{v}"] for v in ("sru", "sru_cru")}
+    assert ratios["sru_cru"] > max(1.5, ratios["sru"])
+    primary = data.comparisons[data.comparisons["metric"] == "val_loss.resid_sd"].set_index("variant")["ratio"]
+    assert ratios == pytest.approx(primary.to_dict())
+    assert "`sru_cru`: val_loss.resid_sd / `none`" in note
+    assert metric_key("0.5,sum") == "0.5_sum"
+
+
+def test_ui_links_of_each_study_say_where_the_report_is_or_how_to_write_it(store):
+    from test_runs import log_study
+
+    log_study(store, predictions=False)
+    client = MlflowClient(store)
+    (found,) = links.study_links(client, store, port=5001)
+    assert found.study == "synthetic" and not found.has_report
+    assert found.links.runs.startswith("http://127.0.0.1:5001/#/experiments/")
+    lines = links.format_study_links([found])
+    assert lines[0] == "study synthetic:" and lines[-1] == "  report:  not written yet: analysis report --experiment synthetic"
+    assert links.study_links(client, store, experiment="no-such") == []
+
+
+def test_gate_heatmap_has_one_panel_per_aggregated_statistic_layers_by_epochs():
+    rows = [(e, layer, "sru", stat, 0.1 * e + i) for e in range(3) for i, layer in enumerate(["l1", "l2"])
+            for stat in ("flip_share", "gamma_drift", "near_threshold_share")]
+    rows += [(0, "l1", "cru", "beta_entropy", 0.6)]
+    info = gates.gate_heatmap_info(rows, "binary")
+    names = [p[0] for p in info.panels]
+    assert names == ["gate.sru.flip_share", "gate.cru.beta_entropy"]  # gamma: constant under binary; not aggregated
+    _, layers, epochs, z = info.panels[0]
+    assert layers == ("l1", "l2") and epochs == (0, 1, 2) and z[1] == pytest.approx((1.0, 1.1, 1.2))
+    assert [p[0] for p in gates.gate_heatmap_info(rows, "soft").panels][1] == "gate.sru.gamma_drift"
+    fig = gates.gate_heatmap_plot(info)
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+
