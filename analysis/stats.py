@@ -1,29 +1,38 @@
-"""Group comparisons of per-run metrics: effect sizes with intervals and p-values that hold up.
+"""Group comparisons of per-run metrics: one pre-declared statistic, its test and its interval.
 
 The run (one seed) is the unit: each arm is the set of runs of one variant, and nothing is
 pooled across epochs or examples. For each metric and each variant against the baseline:
 
-- ``ratio``: median(variant) / median(baseline). NaN when the baseline median is 0 (the ratio is
-  undefined, and a near-zero baseline would make any ratio meaningless). Read it only for
-  metrics that are positive by construction (resid_sd, excess_tv, ...); for signed metrics
-  (lag1_autocorr, gen_gap_final) use ``cliffs_delta``.
-- ``ci_low``/``ci_high``: percentile bootstrap 95% interval of the ratio, resampling runs with
-  replacement within each arm (``n_boot`` resamples, fixed seed). NaN when some resample has a
-  baseline median of 0 (the ratio is unbounded there, so no finite interval is honest).
-- ``cliffs_delta``: P(variant > baseline) - P(variant < baseline) over all run pairs.
-- ``p_value``: two-sided permutation test of the difference of means (variant - baseline).
-  The mean difference is used rather than the median difference because with 3-5 runs per arm
-  the median's permutation distribution has few distinct values and loses power, while the
-  test is exact for either statistic. p = #{splits with |T| >= |T_obs|} / #splits, over all
-  C(n1+n2, n1) splits when that is <= ``MAX_EXACT_SPLITS`` (20000); otherwise ``N_PERM_MC``
-  random permutations with p = (1 + #{|T*| >= |T_obs|}) / (N_PERM_MC + 1), which is never 0
-  and stays valid (Phipson & Smyth 2010).
-- ``q_value``: Benjamini-Hochberg over every (metric, variant) row with a p-value.
+- ``statistic``/``estimate``: for a metric whose runs are all > 0 in both arms (resid_sd,
+  excess_tv when no run is monotone, ...) the **ratio of geometric means**
+  exp(mean log a - mean log b), also given as ``ratio``; for a metric that takes 0 or negative
+  values (spike_count, lag1_autocorr, gen_gap_final) the **difference of means**, ``ratio`` NaN.
+  Both are a difference of means on a scale (log or raw), so one test and one interval serve both.
+- ``p_value``: two-sided permutation test of that difference of means (on the log scale for a
+  ratio): p = #{splits with |T| >= |T_obs|} / #splits over all C(n1+n2, n1) splits when that is
+  <= ``MAX_EXACT_SPLITS`` (20000); otherwise ``N_PERM_MC`` random permutations with
+  p = (1 + #{|T*| >= |T_obs|}) / (N_PERM_MC + 1), never 0 (Phipson & Smyth 2010).
+- ``ci_low``/``ci_high``: 95% interval by inverting that same test: the set of shifts delta for
+  which the test of "a - delta and b are exchangeable" is not rejected at 5% (on the log scale,
+  then exponentiated). So the interval excludes 1 (or 0) exactly when p <= 0.05: the CI and the
+  test are about the same statistic and cannot disagree. With fewer than ``min_seeds_for(0.05)``
+  runs in an arm no split is extreme enough, the inverted interval is unbounded, and it is NaN.
+- ``cliffs_delta``: P(variant > baseline) - P(variant < baseline) over all run pairs
+  (from scipy's Mann-Whitney U: 2U / (n1 n2) - 1).
+- ``family``/``q_value``: Benjamini-Hochberg (``scipy.stats.false_discovery_control``) within a
+  family: ``primary`` is the pre-declared question, every variant against the baseline on the
+  primary metric; ``exploratory`` is every other (metric, variant) row, corrected on its own.
 
-An arm with fewer than 2 runs gets its ratio but NaN ci/p/q: no p-value it cannot support.
+An arm with fewer than 2 runs gets its estimate but NaN ci/p/q: no p-value it cannot support.
 The smallest attainable p is ``p_floor(n1, n2)``: with 3 runs per arm the one-sided floor is
 1/20 = 0.05 and the two-sided floor 0.1, so 3 seeds can never reach p < 0.05;
-``min_seeds_for()`` gives the seeds per arm a test needs. Significance means p <= alpha.
+``min_seeds_for()`` gives the seeds per arm a test needs. Significance means q <= alpha.
+
+Why the permutation code is ours and not ``scipy.stats.permutation_test``: the interval needs the
+p-value at every shift delta. Each split's statistic is linear in delta, so one pass over the
+splits gives the whole interval (``_inverted_interval``); scipy would need a new permutation run per
+delta (measured in benchmarks/stats_oc.py: scipy's p-value alone is slower than this function's
+p-value and interval together).
 """
 
 from __future__ import annotations
@@ -31,21 +40,36 @@ from __future__ import annotations
 from functools import lru_cache
 from itertools import combinations
 from math import comb
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy.stats import false_discovery_control, mannwhitneyu
 
 from ablate.errors import ConfigError
 
 MAX_EXACT_SPLITS = 20000
 N_PERM_MC = 10000
 CI_LEVEL = 0.95
+RATIO = "ratio of geometric means"
+DIFFERENCE = "difference of means"
+PRIMARY_FAMILY, EXPLORATORY_FAMILY = "primary", "exploratory"
 #: numeric columns that identify a run rather than measure it; skipped when metrics_cols is None
 NON_METRIC_COLUMNS = frozenset({"seed", "epoch", "step", "trial", "trial_number"})
 RESULT_COLUMNS = (
-    "metric", "variant", "baseline", "ratio", "ci_low", "ci_high",
+    "metric", "variant", "baseline", "family", "statistic", "estimate", "ratio", "ci_low", "ci_high",
     "cliffs_delta", "p_value", "q_value", "n_variant", "n_baseline",
 )
+
+
+class Comparison(NamedTuple):
+    """One arm against another: the statistic, its estimate, its inverted-test CI and the test's p."""
+
+    statistic: str
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_value: float
 
 
 def cliffs_delta(a, b) -> float:
@@ -53,8 +77,8 @@ def cliffs_delta(a, b) -> float:
     a, b = _clean(a), _clean(b)
     if a.size == 0 or b.size == 0:
         return float("nan")
-    sign = np.sign(a[:, None] - b[None, :])
-    return float(sign.mean())
+    u = mannwhitneyu(a, b, method="asymptotic").statistic  # pairs a > b, ties counted 1/2
+    return float(2.0 * u / (a.size * b.size) - 1.0)
 
 
 def permutation_pvalue(a, b, two_sided: bool = True, n_perm: int = N_PERM_MC,
@@ -66,18 +90,34 @@ def permutation_pvalue(a, b, two_sided: bool = True, n_perm: int = N_PERM_MC,
     a, b = _clean(a), _clean(b)
     if a.size < 2 or b.size < 2:
         return float("nan")
-    pooled = np.concatenate([a, b])
-    t_perm = _permuted_stats(pooled, a.size, n_perm, max_exact, seed)
-    t_obs = a.mean() - b.mean()
-    # splits whose statistic equals the observed one up to float rounding count as "as extreme"
-    tol = 1e-9 * max(np.abs(pooled).max(), np.finfo(np.float64).tiny)
-    if two_sided:
-        hits = np.count_nonzero(np.abs(t_perm) >= abs(t_obs) - tol)
-    else:
-        hits = np.count_nonzero(t_perm >= t_obs - tol)
-    if comb(pooled.size, a.size) <= max_exact:
-        return float(hits / t_perm.size)
-    return float((hits + 1) / (t_perm.size + 1))
+    splits = _split_table(a, b, n_perm, max_exact, seed)
+    return splits.pvalue(0.0, two_sided)
+
+
+def shift_test(a, b, log: bool | None = None, alpha: float = 1.0 - CI_LEVEL, n_perm: int = N_PERM_MC,
+               max_exact: int = MAX_EXACT_SPLITS, seed: int = 0) -> Comparison:
+    """The report's comparison of a against b: estimate, CI by test inversion, two-sided permutation p.
+
+    ``log`` None picks the ratio of geometric means when every value is > 0, else the difference of
+    means; True forces the ratio (NaN if some value is <= 0). The CI is NaN when an arm has fewer than
+    2 runs or when the test cannot reject at ``alpha`` at any shift (too few runs: the interval is unbounded).
+    """
+    a, b = _clean(a), _clean(b)
+    if log is None:
+        log = bool(a.size and b.size and (a > 0).all() and (b > 0).all())
+    statistic = RATIO if log else DIFFERENCE
+    nan = float("nan")
+    if a.size == 0 or b.size == 0 or (log and ((a <= 0).any() or (b <= 0).any())):
+        return Comparison(statistic, nan, nan, nan, nan)
+    if log:
+        a, b = np.log(a), np.log(b)
+    back = np.exp if log else (lambda v: v)
+    delta = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return Comparison(statistic, float(back(delta)), nan, nan, nan)
+    splits = _split_table(a, b, n_perm, max_exact, seed)
+    low, high = splits.interval(alpha)
+    return Comparison(statistic, float(back(delta)), float(back(low)), float(back(high)), splits.pvalue(0.0))
 
 
 def p_floor(n1: int, n2: int, two_sided: bool = True) -> float:
@@ -106,61 +146,47 @@ def min_seeds_for(alpha: float = 0.05, two_sided: bool = True) -> int:
 
 
 def bh_qvalues(p) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values; NaN entries stay NaN and do not count in m."""
+    """Benjamini-Hochberg adjusted p-values (scipy's ``false_discovery_control``); NaN stays NaN, not counted in m."""
     p = np.asarray(p, dtype=np.float64)
     q = np.full(p.shape, np.nan)
     ok = ~np.isnan(p)
-    if not ok.any():
-        return q
-    vals = p[ok]
-    order = np.argsort(vals)
-    ranked = vals[order] * vals.size / np.arange(1, vals.size + 1)
-    # running minimum from the largest p down keeps q monotone in p
-    adjusted = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
-    out = np.empty_like(vals)
-    out[order] = adjusted
-    q[ok] = out
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
     return q
 
 
-def bootstrap_ratio_ci(a, b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """median(a)/median(b) with a percentile bootstrap CI (runs resampled within each arm)."""
-    a, b = _clean(a), _clean(b)
-    if a.size == 0 or b.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    ratio = _ratio(np.median(a), np.median(b))
-    if a.size < 2 or b.size < 2 or np.isnan(ratio):
-        return ratio, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boot_a = np.median(a[rng.integers(0, a.size, (n_boot, a.size))], axis=1)
-    boot_b = np.median(b[rng.integers(0, b.size, (n_boot, b.size))], axis=1)
-    if np.any(boot_b == 0.0):
-        return ratio, float("nan"), float("nan")
-    tail = 100.0 * (1.0 - CI_LEVEL) / 2.0
-    lo, hi = np.percentile(boot_a / boot_b, [tail, 100.0 - tail])
-    return ratio, float(lo), float(hi)
-
-
 def compare_groups(metrics: pd.DataFrame, baseline: str, variant_col: str = "variant",
-                   metrics_cols: list[str] | None = None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per (metric, variant != baseline): ratio + CI, Cliff's delta, p, BH q, arm sizes."""
+                   metrics_cols: list[str] | None = None, primary: str | None = None, seed: int = 0) -> pd.DataFrame:
+    """One row per (metric, variant != baseline): ``RESULT_COLUMNS``; BH within the primary and the exploratory family.
+
+    ``primary`` is the pre-declared metric (its rows form the primary family); None: every row is exploratory.
+    """
     cols = _metric_columns(metrics, baseline, variant_col, metrics_cols)
+    if primary is not None and primary not in cols:
+        raise ConfigError(f"primary={primary!r} is not a compared metric; accepted: {', '.join(cols)}")
     variants = [v for v in pd.unique(metrics[variant_col]) if v != baseline]
     base_rows = metrics[metrics[variant_col] == baseline]
     rows = []
-    for i, metric in enumerate(cols):
+    for metric in cols:
         b = _clean(base_rows[metric])
-        for j, variant in enumerate(variants):
+        for variant in variants:
             a = _clean(metrics.loc[metrics[variant_col] == variant, metric])
-            ratio, lo, hi = bootstrap_ratio_ci(a, b, n_boot, seed + i * len(variants) + j)
+            c = shift_test(a, b, seed=seed)
             rows.append({
                 "metric": metric, "variant": variant, "baseline": baseline,
-                "ratio": ratio, "ci_low": lo, "ci_high": hi,
-                "cliffs_delta": cliffs_delta(a, b), "p_value": permutation_pvalue(a, b, seed=seed),
+                "family": PRIMARY_FAMILY if metric == primary else EXPLORATORY_FAMILY,
+                "statistic": c.statistic, "estimate": c.estimate,
+                "ratio": c.estimate if c.statistic == RATIO else float("nan"),
+                "ci_low": c.ci_low, "ci_high": c.ci_high,
+                "cliffs_delta": cliffs_delta(a, b), "p_value": c.p_value,
                 "n_variant": a.size, "n_baseline": b.size,
             })
     table = pd.DataFrame(rows, columns=[c for c in RESULT_COLUMNS if c != "q_value"])
-    table.insert(RESULT_COLUMNS.index("q_value"), "q_value", bh_qvalues(table["p_value"].to_numpy(dtype=float)))
+    q = np.full(len(table), np.nan)
+    for family in (PRIMARY_FAMILY, EXPLORATORY_FAMILY):
+        mask = (table["family"] == family).to_numpy()
+        q[mask] = bh_qvalues(table.loc[mask, "p_value"].to_numpy(dtype=float))
+    table.insert(RESULT_COLUMNS.index("q_value"), "q_value", q)
     return table
 
 
@@ -185,23 +211,75 @@ def _clean(x) -> np.ndarray:
     return arr[~np.isnan(arr)]
 
 
-def _ratio(num: float, den: float) -> float:
-    return float("nan") if den == 0.0 else float(num / den)
+class _Splits(NamedTuple):
+    """Every split's statistic as a line in the shift delta: T_S(delta) = t0_S - delta c_S.
+
+    Shifting arm a by delta moves a split's mean difference by delta (k/n1 - (n1 - k)/n2), k the
+    number of a's runs the split puts first; the observed split has c = 1 and t0 = the observed difference.
+    """
+
+    t0: np.ndarray
+    c: np.ndarray
+    observed: float
+    exact: bool
+    tol: float
+
+    def _count_denominator(self) -> tuple[int, int]:
+        n = self.t0.size
+        return (0, n) if self.exact else (1, n + 1)
+
+    def pvalue(self, delta: float, two_sided: bool = True) -> float:
+        t = self.t0 - delta * self.c
+        obs = self.observed - delta
+        hits = (np.count_nonzero(np.abs(t) >= abs(obs) - self.tol) if two_sided
+                else np.count_nonzero(t >= obs - self.tol))
+        extra, denom = self._count_denominator()
+        return float((hits + extra) / denom)
+
+    def interval(self, alpha: float) -> tuple[float, float]:
+        """Shifts whose two-sided test is not rejected at ``alpha``: [low, high] (NaN when unbounded).
+
+        On each side of the observed difference, with u = |delta - observed|, a split counts as extreme
+        while |a_S -/+ u c_S| >= u, a_S = t0_S - observed c_S; with |c_S| < 1 that holds exactly for
+        u <= |a_S| / (1 +/- sign(a_S) c_S), so p falls monotonically with u and each end is an order statistic.
+        Splits with |c_S| = 1 (the observed one and, for equal arms, its mirror) count at every shift.
+        """
+        extra, denom = self._count_denominator()
+        need = int(np.floor(alpha * denom - extra)) + 1  # splits that must count for p > alpha
+        a = self.t0 - self.observed * self.c
+        always = np.abs(np.abs(self.c) - 1.0) < 1e-12
+        ends = []
+        for side in (1.0, -1.0):  # delta above the observed difference, then below
+            with np.errstate(divide="ignore", invalid="ignore"):
+                reach = np.abs(a) / (1.0 + side * np.sign(a) * self.c)
+            reach = np.where(always, np.inf, reach)
+            if need > reach.size:
+                return float("nan"), float("nan")
+            u = np.sort(reach)[::-1][need - 1]
+            if not np.isfinite(u):
+                return float("nan"), float("nan")
+            ends.append(self.observed + side * u)
+        return ends[1], ends[0]
 
 
-def _permuted_stats(pooled: np.ndarray, n1: int, n_perm: int, max_exact: int, seed: int) -> np.ndarray:
-    """Mean difference for every split (exact) or for n_perm random permutations."""
-    n = pooled.size
-    total = pooled.sum()
-    if comb(n, n1) <= max_exact:
-        sums = pooled[_splits(n, n1)].sum(axis=1)
+def _split_table(a: np.ndarray, b: np.ndarray, n_perm: int, max_exact: int, seed: int) -> _Splits:
+    """Every split (exact, when C(n1+n2, n1) <= max_exact) or ``n_perm`` random permutations, as lines in delta."""
+    n1, n = a.size, a.size + b.size
+    pooled = np.concatenate([a, b])
+    exact = comb(n, n1) <= max_exact
+    if exact:
+        first = _splits(n, n1)
     else:
         rng = np.random.default_rng(seed)
-        sums = np.concatenate([
-            rng.permuted(np.broadcast_to(pooled, (size, n)), axis=1)[:, :n1].sum(axis=1)
-            for size in _chunks(n_perm, 1000)
-        ])
-    return sums / n1 - (total - sums) / (n - n1)
+        first = np.concatenate([rng.permuted(np.broadcast_to(np.arange(n), (size, n)), axis=1)[:, :n1]
+                                for size in _chunks(n_perm, 1000)])
+    sums = pooled[first].sum(axis=1)
+    t0 = sums / n1 - (pooled.sum() - sums) / (n - n1)
+    k = (first < n1).sum(axis=1)
+    c = k / n1 - (n1 - k) / (n - n1)
+    # splits whose statistic equals the observed one up to float rounding count as "as extreme"
+    tol = 1e-9 * max(np.abs(pooled).max(), np.finfo(np.float64).tiny)
+    return _Splits(t0, c, float(a.mean() - b.mean()), exact, tol)
 
 
 @lru_cache(maxsize=32)

@@ -12,13 +12,15 @@ from analysis.fluctuation import curve_metrics
 from analysis.stats import (
     N_PERM_MC,
     RESULT_COLUMNS,
+    DIFFERENCE,
+    RATIO,
     bh_qvalues,
-    bootstrap_ratio_ci,
     cliffs_delta,
     compare_groups,
     min_seeds_for,
     p_floor,
     permutation_pvalue,
+    shift_test,
 )
 
 
@@ -90,20 +92,47 @@ def test_bh_qvalues_known_and_matches_scipy():
     np.testing.assert_allclose(with_nan[[0, 2]], bh_qvalues([0.01, 0.04]))
 
 
-def test_bootstrap_ratio_ci():
-    a, b = [2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 2.0, 3.0]
-    ratio, lo, hi = bootstrap_ratio_ci(a, b, n_boot=500, seed=1)
-    assert ratio == pytest.approx(3.5 / 2.0)
-    assert lo <= ratio <= hi
-    assert bootstrap_ratio_ci(a, b, n_boot=500, seed=1) == (ratio, lo, hi)
-    assert bootstrap_ratio_ci([2.0, 2.0, 2.0], [2.0, 2.0, 2.0], 200, 0) == (1.0, 1.0, 1.0)
+def _geo_ratio_draws(rng, ratio, runs, draws, sd=0.4):
+    """Lognormal arms (the shape of resid_sd across seeds): the variant's geometric mean is ``ratio`` x the baseline's."""
+    return [(np.exp(rng.normal(np.log(ratio), sd, runs)), np.exp(rng.normal(0.0, sd, runs))) for _ in range(draws)]
 
 
-def test_bootstrap_ratio_undefined_cases_are_nan():
-    ratio, lo, hi = bootstrap_ratio_ci([1.0, 2.0, 3.0], [0.0, 0.0, 1.0], 200, 0)
-    assert math.isnan(ratio) and math.isnan(lo) and math.isnan(hi)  # baseline median 0
-    ratio, lo, hi = bootstrap_ratio_ci([1.0, 2.0, 3.0], [0.0, 1.0, 1.0], 200, 0)
-    assert ratio == 2.0 and math.isnan(lo) and math.isnan(hi)  # some resamples have median 0
+def test_shift_test_estimate_is_the_ratio_of_geometric_means_and_difference_for_signed_metrics():
+    c = shift_test([2.0, 8.0], [1.0, 4.0])
+    assert c.statistic == RATIO and c.estimate == pytest.approx(2.0)  # sqrt(16) / sqrt(4)
+    d = shift_test([0.0, 2.0, 4.0, 6.0], [-1.0, 1.0, 0.0, 2.0])
+    assert d.statistic == DIFFERENCE and d.estimate == pytest.approx(2.5)
+    assert math.isnan(shift_test([1.0, 2.0], [0.0, 1.0], log=True).estimate)
+
+
+@pytest.mark.parametrize("runs", [4, 5, 8, 11])  # 11 + 11: Monte Carlo permutations
+def test_ci_by_test_inversion_agrees_with_the_test(runs):
+    """The CI excludes 1 exactly when p <= 0.05, and its ends are where the shifted test's p crosses 0.05."""
+    rng = np.random.default_rng(runs)
+    draws = _geo_ratio_draws(rng, 1.6, runs, 60 if runs < 11 else 8)
+    for a, b in draws:
+        c = shift_test(a, b, n_perm=2000)
+        assert c.ci_low <= c.estimate <= c.ci_high
+        assert (c.p_value <= 0.05) == (not c.ci_low <= 1.0 <= c.ci_high)
+        la, lb = np.log(a), np.log(b)
+        for end, outside in ((c.ci_low, -1.0), (c.ci_high, 1.0)):
+            inside = np.log(end) - outside * 1e-6
+            beyond = np.log(end) + outside * 1e-6
+            assert shift_test(np.exp(la - inside), np.exp(lb), n_perm=2000).p_value > 0.05
+            assert shift_test(np.exp(la - beyond), np.exp(lb), n_perm=2000).p_value <= 0.05
+
+
+def test_too_few_runs_have_no_ci():
+    """3 vs 3: the two-sided floor is 0.1, no shift is ever rejected, so an interval would be unbounded."""
+    c = shift_test([5.0, 6.0, 7.0], [1.0, 1.1, 1.2])
+    assert c.p_value == pytest.approx(0.1) and math.isnan(c.ci_low) and math.isnan(c.ci_high)
+    assert np.isfinite(shift_test([5.0, 6.0, 7.0, 8.0], [1.0, 1.1, 1.2, 1.3]).ci_low)
+
+
+def test_cliffs_delta_matches_pair_counts():
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 4, 7).astype(float), rng.integers(0, 4, 6).astype(float)
+    assert cliffs_delta(a, b) == pytest.approx(np.sign(a[:, None] - b[None, :]).mean())
 
 
 def _frame():
@@ -118,18 +147,33 @@ def _frame():
 
 
 def test_compare_groups_table():
-    table = compare_groups(_frame(), baseline="base", n_boot=300)
+    table = compare_groups(_frame(), baseline="base", primary="m1")
     assert tuple(table.columns) == RESULT_COLUMNS
     assert list(zip(table["metric"], table["variant"])) == [
         ("m1", "big"), ("m1", "solo"), ("m2", "big"), ("m2", "solo")]  # "seed" is not a metric
     big = table.iloc[0]
-    assert big["n_variant"] == 4 and big["n_baseline"] == 4
+    assert big["n_variant"] == 4 and big["n_baseline"] == 4 and big["family"] == "primary"
     assert big["p_value"] == pytest.approx(2 / 70) and big["cliffs_delta"] == 1.0
-    assert big["ci_low"] <= big["ratio"] <= big["ci_high"]
+    assert big["ci_low"] <= big["ratio"] <= big["ci_high"] and big["ci_low"] > 1.0
     solo = table.iloc[1]
     assert solo["ratio"] > 0
     assert all(math.isnan(solo[c]) for c in ("ci_low", "ci_high", "p_value", "q_value"))
-    np.testing.assert_allclose(table["q_value"], bh_qvalues(table["p_value"]))
+
+
+def test_bh_family_is_the_primary_metric_only():
+    """Many exploratory rows must not dilute the primary q, and exploratory rows are corrected among themselves."""
+    frame = _frame()
+    for i in range(20):
+        frame[f"x{i}"] = np.random.default_rng(i).normal(1.0, 0.1, len(frame))
+    table = compare_groups(frame, baseline="base", primary="m1")
+    primary = table[table["family"] == "primary"]
+    assert list(primary["metric"].unique()) == ["m1"]
+    np.testing.assert_allclose(primary["q_value"], bh_qvalues(primary["p_value"]))
+    assert primary["q_value"].iloc[0] == pytest.approx(2 / 70)  # one tested row in the family: q = p
+    rest = table[table["family"] == "exploratory"]
+    np.testing.assert_allclose(rest["q_value"], bh_qvalues(rest["p_value"]))
+    with pytest.raises(ConfigError, match="primary='m9'"):
+        compare_groups(frame, baseline="base", primary="m9")
 
 
 def test_compare_groups_bad_input():
@@ -150,6 +194,7 @@ def _val_loss_noise_sd(rng, noise_sd, runs, epochs=60):
     return [curve_metrics(curve)["resid_sd"] for curve in curves]
 
 
+@pytest.mark.slow  # about a minute: 3000 curve fits
 def test_suite_flags_noisier_variant_and_not_an_identical_one():
     """5 vs 5 runs, 200 draws: noise sd 1.5*s is flagged >= 80%, the same generator <= 5%."""
     rng = np.random.default_rng(2024)
@@ -161,7 +206,7 @@ def test_suite_flags_noisier_variant_and_not_an_identical_one():
             "val_loss.resid_sd": _val_loss_noise_sd(rng, s, runs)
             + _val_loss_noise_sd(rng, 1.5 * s, runs) + _val_loss_noise_sd(rng, s, runs),
         })
-        table = compare_groups(frame, baseline="base", n_boot=100).set_index("variant")
+        table = compare_groups(frame, baseline="base").set_index("variant")
         for variant in flagged:
             row = table.loc[variant]
             flagged[variant] += bool(row["p_value"] < 0.05 and row["ratio"] > 1.0)
