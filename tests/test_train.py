@@ -113,6 +113,21 @@ def test_summary_metrics_are_the_reports_fluctuation_metrics_from_the_settle_epo
     assert list(summary) == list(SUMMARY_METRICS)
 
 
+def test_system_metrics_are_on_by_default_for_the_runs_device_and_off_by_config(tracking_uri, monkeypatch):
+    from ablate.ui import system
+
+    calls = []
+
+    def record(run_id, uri, device=None, *, configured=True, **kw):
+        calls.append((run_id, device.type, configured))
+
+    monkeypatch.setattr(system, "start_system_metrics", record)
+    assert RunConfig().system_metrics is True
+    assert RunConfig.from_dict({"system_metrics": "false"}).system_metrics is False
+    result = run_training(_cfg(epochs=1, max_steps_per_epoch=1), tracking_uri=tracking_uri, progress=False)
+    assert calls == [(result.run_id, "cpu", True)]
+
+
 def test_binary_gate_leaves_gamma_untrained_and_soft_trains_it(tracking_uri):
     """The paper's binary gate passes no gradient to gamma: its drift stays exactly 0 (the soft gate's does not).
     With gate_metrics_per_layer the per-layer statistics are metrics too; gamma's mean is logged only when it moves."""
