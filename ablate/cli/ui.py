@@ -1,4 +1,5 @@
-"""`ablate ui`: the MLflow UI on 127.0.0.1 over the tracking store (or the address of a tracking server)."""
+"""`ablate ui`: the MLflow UI on 127.0.0.1 over the tracking store (or the address of a tracking server), and direct
+links to each study's runs page, compare page and report (docs/ui.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def register(sub) -> None:
     """Add the ``ui`` command to the ``ablate`` parser."""
     u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the tracking store",
                        description="Start `mlflow ui` on 127.0.0.1 over the default store (or --tracking-uri); for "
-                                   "an http(s) tracking server, print its address (it serves the UI itself).")
+                                   "an http(s) tracking server, print its address (it serves the UI itself). Then "
+                                   "print each study's links: its runs page (model training, comparison view), its "
+                                   "compare page and its report.")
     add_tracking_uri(u)
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     u.set_defaults(func=cmd_ui)
