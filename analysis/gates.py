@@ -1,19 +1,27 @@
-"""Gate behaviour over epochs (from the ``sru/<layer>/<stat>`` and ``cru/<layer>/<stat>`` metrics of
-docs/tracking.md, read with ``ablate.names.GateKey``) and live gate probes on a model.
+"""Gate behaviour over epochs (from the ``sru/<layer>/<stat>`` and ``cru/<layer>/<stat>`` gate statistics of
+docs/tracking.md, read from ``RunSet.history`` with ``ablate.names.GateKey``) and live gate probes on a model.
 
 - :func:`gate_frame`: tidy ``run_id, variant, seed, epoch, kind, layer, stat, value``.
-- :func:`layer_epoch_stats`: per variant, layer and epoch (mean over seeds) the informative share,
-  near-threshold share, flip share, gamma drift from its initial value and the CRU attention entropy.
-- :func:`flip_coupling`: per variant and layer, Spearman correlation of the first difference of the
-  flip share, ``flip[e] - flip[e-1]``, with ``|val_loss[e] - val_loss[e-1]|``, pooling the epoch
-  pairs of every seed; layers ranked by it, highest first. First differences remove the shared
-  downward trend of both series, which would otherwise correlate them for no reason. The flip
-  share of epoch 0 has no previous probe mask (docs/tracking.md: it is logged as 0), so differences start at epoch 2.
-- :func:`gate_association`: across runs, Spearman correlation of each run's mean gate statistic with
-  one of its fluctuation metrics (which gate statistics move with the fluctuation).
+- :func:`layer_epoch_stats`: per variant, layer and epoch (mean over seeds) the informative share, the two
+  scale-free statistics ``margin_share`` and ``perturb_flip_share``, the flip share, gamma drift and the CRU
+  attention entropy. ``near_threshold_share`` is left out: under ``gamma_norm = sum`` it is about 1 by
+  construction (w = gamma / sum(gamma) is about 1/C, so R stays near 0.5) and carries no information.
+- :func:`flip_points` and :func:`flip_coupling`: does a layer's mask churn go with the jumps of val loss?
+  Per epoch e >= 1, the flip share (the share of mask bits changed since the probe of epoch e-1; at epoch 0
+  since the probe before training, a valid value) is paired with ``|val_loss[e] - val_loss[e-1]|``. Epoch 0
+  has no pair only because the val loss before training is not logged. Both series decay as training
+  settles, which alone correlates them, so each is detrended with ``analysis.trend.residual`` (the trend the
+  fluctuation metrics use: exponential, power-law and S-shaped decays leave no residual, and its robust
+  LOWESS keeps an isolated jump in the residual, which is the signal here). Rank-based detrending
+  (partial Spearman on epoch) was not used: ranks of a decaying curve with noise are not linear in the
+  epoch, so the misfit is shared by both series and biases rho upwards. Per run, Spearman rho of the two
+  residual series; across runs (the run is the unit), a t-test of the per-run Fisher-z rhos; BH
+  (``scipy.stats.false_discovery_control``) over every variant and layer of the table.
+- :func:`gate_association`: within one variant, across its runs, Spearman rho of a run's mean gate
+  statistic with one of its fluctuation metrics, with the permutation p, BH q and the run count.
 
-p-values are exact or Monte Carlo permutation p-values with the run as the unit: across runs for
-``gate_association``, a sign-flip test of the per-run rhos for ``flip_coupling``.
+No result ranks layers: with about 5 runs and 10-20 epochs the rhos of unrelated layers spread widely,
+so the order of non-significant rhos is noise.
 """
 
 from __future__ import annotations
@@ -26,19 +34,26 @@ import pandas as pd
 from scipy import stats as sps
 
 from ablate.names import GateKey
+from analysis import trend
 
 if TYPE_CHECKING:
     import torch
 
 #: Per layer and epoch statistics shown as heatmaps (kind, stat).
 LAYER_STATS = (
-    ("sru", "informative_share"), ("sru", "near_threshold_share"), ("sru", "flip_share"),
+    ("sru", "informative_share"), ("sru", "margin_share"), ("sru", "perturb_flip_share"), ("sru", "flip_share"),
     ("sru", "gamma_drift"), ("cru", "beta_entropy"),
 )
-FIRST_FLIP_EPOCH = 1  # epoch 0's flip share has no previous mask
+#: Scale-free gate statistics the report summarises per variant (docs/scconv.md, "Gate statistics").
+SCALE_FREE_STATS = ("margin_share", "perturb_flip_share")
 MIN_PAIRS = 3
+MIN_COUPLING_EPOCHS = 5  # residuals of a shorter series are mostly trend misfit
 N_PERM = 9999
+RHO_CLIP = 0.999  # |rho| = 1 has an infinite Fisher z
 GATE_COLUMNS = ["run_id", "variant", "seed", "epoch", "kind", "layer", "stat", "value"]
+POINT_COLUMNS = ["variant", "run_id", "layer", "epoch", "flip_share", "abs_d_val_loss", "flip_resid", "dval_resid"]
+COUPLING_COLUMNS = ["variant", "layer", "rho", "p_value", "q_value", "n_runs"]
+ASSOCIATION_COLUMNS = ["variant", "gate_stat", "target", "rho", "p_value", "q_value", "n_runs"]
 
 
 def is_gate_metric(name: str) -> bool:
@@ -85,23 +100,32 @@ def final_stat(gates: pd.DataFrame, kind: str, stat: str) -> pd.DataFrame:
 
 
 def flip_points(gates: pd.DataFrame, history: pd.DataFrame, from_epoch: int = 0) -> pd.DataFrame:
-    """``variant, run_id, layer, epoch, d_flip, abs_d_val_loss``: one row per SRU layer and epoch pair.
+    """One row per run, SRU layer and epoch e >= max(from_epoch, 1): :data:`POINT_COLUMNS`.
 
-    ``history``: long ``run_id, epoch, metric, value`` holding ``val_loss``. Both differences use
-    epochs e-1 and e with e-1 >= max(from_epoch, 1).
+    ``flip_share`` at e is paired with ``abs_d_val_loss = |val_loss[e] - val_loss[e-1]|`` (``history``: long
+    ``run_id, epoch, metric, value`` holding ``val_loss``); ``flip_resid`` and ``dval_resid`` are both series
+    minus their ``analysis.trend`` trend within the run (and layer), NaN for a series shorter than
+    :data:`MIN_COUPLING_EPOCHS`.
     """
-    cols = ["variant", "run_id", "layer", "epoch", "d_flip", "abs_d_val_loss"]
-    start = max(from_epoch, FIRST_FLIP_EPOCH)
-    flips = gates[(gates["kind"] == "sru") & (gates["stat"] == "flip_share") & (gates["epoch"] >= start)]
+    flips = gates[(gates["kind"] == "sru") & (gates["stat"] == "flip_share")]
     if flips.empty:
-        return pd.DataFrame(columns=cols)
-    val = history[(history["metric"] == "val_loss") & (history["epoch"] >= start)]
-    val = val.sort_values(["run_id", "epoch"])
+        return pd.DataFrame(columns=POINT_COLUMNS)
+    val = history[history["metric"] == "val_loss"].sort_values(["run_id", "epoch"])
     val = val.assign(abs_d_val_loss=_step_diff(val, "value").abs())[["run_id", "epoch", "abs_d_val_loss"]]
-    flips = flips.sort_values(["run_id", "layer", "epoch"])
-    flips = flips.assign(d_flip=_step_diff(flips, "value", by=["run_id", "layer"]))
-    points = flips.merge(val, on=["run_id", "epoch"]).dropna(subset=["d_flip", "abs_d_val_loss"])
-    return points[cols].reset_index(drop=True)
+    val = val[(val["epoch"] >= max(from_epoch, 1)) & val["abs_d_val_loss"].notna()]
+    val = val.assign(dval_resid=val.groupby("run_id")["abs_d_val_loss"].transform(_detrend))
+    points = flips.rename(columns={"value": "flip_share"}).merge(val, on=["run_id", "epoch"])
+    points = points.sort_values(["run_id", "layer", "epoch"])
+    points["flip_resid"] = points.groupby(["run_id", "layer"])["flip_share"].transform(_detrend)
+    return points[POINT_COLUMNS].reset_index(drop=True)
+
+
+def _detrend(series: pd.Series) -> pd.Series:
+    """Series minus its ``analysis.trend`` trend (points in epoch order); NaN when too short to fit one."""
+    values = series.to_numpy(dtype=float)
+    if values.size < MIN_COUPLING_EPOCHS or not np.isfinite(values).all():
+        return pd.Series(np.nan, index=series.index)
+    return pd.Series(trend.residual(values), index=series.index)
 
 
 def _step_diff(frame: pd.DataFrame, col: str, by: Sequence[str] = ("run_id",)) -> pd.Series:
@@ -113,23 +137,52 @@ def _step_diff(frame: pd.DataFrame, col: str, by: Sequence[str] = ("run_id",)) -
 
 
 def flip_coupling(points: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and layer: Spearman rho of d_flip vs |d val loss| and a run-level test, layers ranked.
+    """Per variant and layer: :data:`COUPLING_COLUMNS`, in variant and natural layer order (no ranking).
 
-    ``rho``: pooled over the epoch pairs of every run (ranks the layers; descriptive). ``rho_run_median``:
-    median of the per-run rhos. ``p_value``: exact sign-flip test that the per-run rhos are centred on 0
-    (the run is the unit, as in ``analysis.stats``); NaN with fewer than 2 runs.
+    ``rho``: mean over runs of the per-run Spearman rho of ``flip_resid`` vs ``dval_resid`` (the statistic the
+    test is about). ``p_value``: :func:`run_level_pvalue` of the per-run rhos (NaN with fewer than 2 runs);
+    ``q_value``: BH over every row with a p-value; ``n_runs``: runs with a finite rho.
     """
     rows = []
-    for (variant, layer), grp in points.groupby(["variant", "layer"]):
-        rho = spearman(grp["d_flip"], grp["abs_d_val_loss"], with_p=False)[0]
-        per_run = [spearman(r["d_flip"], r["abs_d_val_loss"], with_p=False)[0] for _, r in grp.groupby("run_id")]
-        rows.append({"variant": variant, "layer": layer, "rho": rho, "rho_run_median": _nanmedian(per_run),
-                     "p_value": sign_flip_pvalue(per_run), "n_pairs": len(grp), "n_runs": grp["run_id"].nunique()})
-    table = pd.DataFrame(rows, columns=["variant", "layer", "rho", "rho_run_median", "p_value", "n_pairs", "n_runs"])
-    if table.empty:
-        return table.assign(rank=pd.Series(dtype=float))
-    table["rank"] = table.groupby("variant")["rho"].rank(ascending=False, method="min", na_option="bottom")
-    return table.sort_values(["variant", "rank"]).reset_index(drop=True)
+    for (variant, layer), grp in points.groupby(["variant", "layer"], sort=False):
+        per_run = np.array([spearman(r["flip_resid"], r["dval_resid"], with_p=False)[0]
+                            for _, r in grp.groupby("run_id")], dtype=float)
+        per_run = per_run[np.isfinite(per_run)]
+        rows.append({"variant": variant, "layer": layer,
+                     "rho": float(per_run.mean()) if per_run.size else float("nan"),
+                     "p_value": run_level_pvalue(per_run), "n_runs": int(per_run.size)})
+    table = pd.DataFrame(rows, columns=[c for c in COUPLING_COLUMNS if c != "q_value"])
+    table.insert(4, "q_value", bh_qvalues(table["p_value"]))
+    order = table.assign(_key=table["layer"].map(layer_sort_key)).sort_values(["variant", "_key"]).index
+    return table.loc[order, COUPLING_COLUMNS].reset_index(drop=True)
+
+
+def run_level_pvalue(rhos) -> float:
+    """Two-sided one-sample t-test that the runs' Fisher-z rhos are centred on 0; NaN for fewer than 2 runs.
+
+    Not the exact sign-flip test (:func:`sign_flip_pvalue`): with 5 runs, the seeds a study has, its smallest
+    two-sided p is 2/32 = 0.0625 (Wilcoxon's too), so no coupling could ever be found. The runs are
+    independent and z = artanh(rho) is near normal, which is all the t-test needs; its false-positive rate on
+    decaying, uncoupled synthetic runs is pinned by tests/test_gates.py.
+    """
+    r = np.asarray(rhos, dtype=float)
+    r = r[np.isfinite(r)]
+    if r.size < 2:
+        return float("nan")
+    z = np.arctanh(np.clip(r, -RHO_CLIP, RHO_CLIP))
+    if np.ptp(z) == 0:  # no spread: the t statistic is undefined
+        return float("nan")
+    return float(sps.ttest_1samp(z, 0.0).pvalue)
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``) of the finite p-values; NaN stays NaN."""
+    p = np.asarray(p, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = sps.false_discovery_control(p[ok], method="bh")
+    return q
 
 
 def sign_flip_pvalue(values, max_exact: int = 16, n_perm: int = N_PERM, seed: int = 0) -> float:
@@ -149,11 +202,6 @@ def sign_flip_pvalue(values, max_exact: int = 16, n_perm: int = N_PERM, seed: in
     obs = abs(x.mean())
     hits = np.count_nonzero(stats_ >= obs - 1e-12 * max(np.abs(x).max(), 1e-300))
     return float(hits / len(signs)) if x.size <= max_exact else float((hits + 1) / (n_perm + 1))
-
-
-def _nanmedian(values: list[float]) -> float:
-    arr = np.asarray(values, dtype=float)
-    return float(np.nanmedian(arr)) if np.isfinite(arr).any() else float("nan")
 
 
 def spearman(x, y, with_p: bool = True, seed: int = 0) -> tuple[float, float]:
@@ -188,11 +236,10 @@ def spearman(x, y, with_p: bool = True, seed: int = 0) -> tuple[float, float]:
 def run_gate_summary(gates: pd.DataFrame, from_epoch: int = 0) -> pd.DataFrame:
     """One row per gated run: ``gate.<kind>.<stat>`` = mean over layers and epochs >= from_epoch.
 
-    The flip share is averaged from epoch max(from_epoch, 1) (epoch 0 has no previous mask);
+    Every epoch counts, the flip share of epoch 0 too (it is measured against the probe before training);
     gamma drift is taken at the last epoch (how far gamma moved in the whole run).
     """
     kept = gates[gates["epoch"] >= from_epoch]
-    kept = kept[~((kept["stat"] == "flip_share") & (kept["epoch"] < FIRST_FLIP_EPOCH))]
     drift = kept["stat"] == "gamma_drift"
     last = kept[drift & (kept["epoch"] == kept.groupby("run_id")["epoch"].transform("max"))]
     use = pd.concat([kept[~drift], last])
@@ -205,16 +252,24 @@ def run_gate_summary(gates: pd.DataFrame, from_epoch: int = 0) -> pd.DataFrame:
     return table
 
 
-def gate_association(run_table: pd.DataFrame, target: str, gate_cols: Sequence[str] | None = None) -> pd.DataFrame:
-    """Across runs: Spearman rho (and permutation p) of each ``gate.*`` column with ``target``, by |rho|."""
+def gate_association(run_table: pd.DataFrame, target: str, gate_cols: Sequence[str] | None = None,
+                     by: str = "variant") -> pd.DataFrame:
+    """Within each ``by`` group (never pooled across variants): :data:`ASSOCIATION_COLUMNS`.
+
+    Spearman rho of each ``gate.*`` column with ``target`` across the group's runs, its permutation p, BH q over
+    every row with a p-value, and the run count; rows in group and column order.
+    """
     cols = list(gate_cols) if gate_cols is not None else [c for c in run_table.columns if c.startswith("gate.")]
     rows = []
-    for col in cols:
-        sub = run_table[[col, target]].dropna()
-        rho, p = spearman(sub[col], sub[target])
-        rows.append({"gate_stat": col, "target": target, "rho": rho, "p_value": p, "n_runs": len(sub)})
-    table = pd.DataFrame(rows, columns=["gate_stat", "target", "rho", "p_value", "n_runs"])
-    return table.sort_values("rho", key=lambda r: -r.abs(), na_position="last").reset_index(drop=True)
+    for group, runs in run_table.groupby(by, sort=False):
+        for col in cols:
+            sub = runs[[col, target]].dropna()
+            rho, p = spearman(sub[col], sub[target])
+            rows.append({"variant": group, "gate_stat": col, "target": target, "rho": rho, "p_value": p,
+                         "n_runs": len(sub)})
+    table = pd.DataFrame(rows, columns=[c for c in ASSOCIATION_COLUMNS if c != "q_value"])
+    table.insert(5, "q_value", bh_qvalues(table["p_value"]))
+    return table[ASSOCIATION_COLUMNS]
 
 
 # -- live probes -------------------------------------------------------------------------------

@@ -65,26 +65,98 @@ def test_final_gamma_drift_per_layer():
     assert final.to_dict("records") == [{"variant": "sru", "layer": "layer2.conv", "value": pytest.approx(0.06)}]
 
 
-def test_flip_points_are_first_differences_from_epoch_two():
+def test_flip_points_pair_each_epochs_flip_share_with_its_val_loss_jump():
     history, runs = _history()
     pts = gates.flip_points(gates.gate_frame(history, runs), history)
+    assert list(pts.columns) == gates.POINT_COLUMNS
     run_a = pts[(pts["run_id"] == "a") & (pts["layer"] == "layer2.conv")].sort_values("epoch")
-    assert run_a["epoch"].tolist() == list(range(2, len(VAL)))
-    np.testing.assert_allclose(run_a["abs_d_val_loss"], np.abs(np.diff(VAL))[1:])
-    np.testing.assert_allclose(run_a["d_flip"], np.abs(np.diff(VAL))[1:])  # flip rises by |delta val|
+    # epoch 0's flip share is valid, but the val loss before training is not logged: pairs start at epoch 1
+    assert run_a["epoch"].tolist() == list(range(1, len(VAL)))
+    np.testing.assert_allclose(run_a["abs_d_val_loss"], np.abs(np.diff(VAL)))
+    np.testing.assert_allclose(run_a["flip_share"], np.cumsum(np.abs(np.diff(VAL))))  # the level, not differenced
+    assert run_a["flip_resid"].notna().all() and run_a["dval_resid"].notna().all()
     later = gates.flip_points(gates.gate_frame(history, runs), history, from_epoch=4)
-    assert later["epoch"].min() == 5
+    assert later["epoch"].min() == 4
+    assert later["flip_resid"].isna().all()  # 3 epochs: too short to detrend, so no residuals
 
 
-def test_flip_coupling_ranks_the_coupled_layer_first():
-    history, runs = _history()
-    table = gates.flip_coupling(gates.flip_points(gates.gate_frame(history, runs), history))
-    top = table.iloc[0]
-    assert top["layer"] == "layer2.conv" and top["rank"] == 1
-    assert top["rho"] == pytest.approx(1.0) and top["rho_run_median"] == pytest.approx(1.0)
-    assert top["n_pairs"] == 2 * (len(VAL) - 2) and top["n_runs"] == 2
-    assert top["p_value"] == pytest.approx(0.5)  # 2 runs, both rho = 1: 2 of 4 sign patterns as extreme
-    assert table.iloc[1]["layer"] == "layer10.conv" and table.iloc[1]["rho"] < 1
+def _decaying_runs(rng, n_runs: int, epochs: int, coupling: dict[str, float], variant: str = "v"):
+    """Runs whose val loss and per-layer flip shares both decay with noise; flip += coupling x |delta val loss|."""
+    rows, index = [], []
+    for r in range(n_runs):
+        e = np.arange(epochs)
+        val = 1.5 * np.exp(-e / rng.uniform(2, 5)) + 0.5 + rng.normal(0, 0.03, epochs)
+        jump = np.abs(np.diff(val, prepend=val[0]))
+        run = f"{variant}{r}"
+        for layer, k in coupling.items():
+            flip = np.clip(0.2 * np.exp(-e / rng.uniform(2, 6)) + 0.02 + rng.normal(0, 0.005, epochs) + k * jump, 0, 1)
+            rows += [(run, int(i), f"sru/{layer}/flip_share", flip[i]) for i in e]
+        rows += [(run, int(i), "val_loss", val[i]) for i in e]
+        index.append((run, variant, r))
+    history = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "value"])
+    runs = pd.DataFrame(index, columns=["run_id", "variant", "seed"]).set_index("run_id")
+    return history, runs
+
+
+def _coupling(history, runs):
+    return gates.flip_coupling(gates.flip_points(gates.gate_frame(history, runs), history))
+
+
+def _false_positive_rate(draws: int, epochs: int) -> tuple[float, float]:
+    rng = np.random.default_rng(7)
+    tables = [_coupling(*_decaying_runs(rng, 5, epochs, {"l1": 0.0})) for _ in range(draws)]
+    p = np.array([t["p_value"].iloc[0] for t in tables])
+    rho = np.array([t["rho"].iloc[0] for t in tables])
+    return float(np.mean(p <= 0.05)), float(rho.mean())
+
+
+def test_independent_decaying_flips_are_not_coupled():
+    # the old double-differenced statistic averaged rho = -0.66 here and every run's rho was negative
+    rate, mean_rho = _false_positive_rate(draws=25, epochs=15)
+    assert abs(mean_rho) < 0.1
+    assert rate <= 0.12  # 25 draws: at most 3 rejections (the slow test pins the rate over many draws)
+
+
+@pytest.mark.slow
+def test_false_positive_rate_of_flip_coupling_over_many_draws():
+    for epochs in (15, 25):
+        rate, mean_rho = _false_positive_rate(draws=300, epochs=epochs)
+        assert rate <= 0.07 and abs(mean_rho) < 0.05  # nominal 5 %; 0.07 allows the binomial SD of 300 draws
+
+
+def test_coupled_flips_are_detected_and_uncoupled_layers_are_not():
+    rng = np.random.default_rng(3)
+    history, runs = _decaying_runs(rng, 5, 15, {"layer2.conv": 0.3, "layer10.conv": 0.0})
+    table = _coupling(history, runs)
+    assert list(table.columns) == gates.COUPLING_COLUMNS
+    assert table["layer"].tolist() == ["layer2.conv", "layer10.conv"]  # natural order, not ranked
+    coupled, noise = table.iloc[0], table.iloc[1]
+    assert coupled["rho"] > 0.5 and coupled["q_value"] <= 0.05 and coupled["n_runs"] == 5
+    assert noise["q_value"] > 0.05
+    assert coupled["q_value"] == pytest.approx(min(1.0, 2 * min(table["p_value"])))  # BH over the 2 layers
+
+
+def test_flip_coupling_with_one_run_has_no_p_value():
+    rng = np.random.default_rng(4)
+    table = _coupling(*_decaying_runs(rng, 1, 12, {"l1": 0.3}))
+    assert table["n_runs"].tolist() == [1] and np.isnan(table["p_value"].iloc[0]) and np.isnan(table["q_value"].iloc[0])
+
+
+def test_run_level_pvalue_is_a_t_test_of_fisher_z():
+    from scipy import stats as sps
+
+    rhos = [0.5, 0.6, 0.7, 0.55, 0.65]
+    assert gates.run_level_pvalue(rhos) == pytest.approx(sps.ttest_1samp(np.arctanh(rhos), 0).pvalue)
+    assert gates.run_level_pvalue(rhos) < 0.001  # 5 runs can reach 0.05, unlike the sign-flip floor 2/32
+    assert gates.sign_flip_pvalue(rhos) == pytest.approx(2 / 32)
+    assert gates.run_level_pvalue([0.5, -0.5, 0.4, -0.4]) == pytest.approx(1.0)
+    assert np.isnan(gates.run_level_pvalue([0.9])) and np.isnan(gates.run_level_pvalue([0.3, 0.3, 0.3]))
+    assert np.isfinite(gates.run_level_pvalue([1.0, 0.99]))  # |rho| = 1 is clipped, not infinite
+
+
+def test_bh_qvalues_keep_nan():
+    q = gates.bh_qvalues([0.01, np.nan, 0.04, 0.03])
+    np.testing.assert_allclose(q, [0.03, np.nan, 0.04, 0.04])
 
 
 def test_spearman_edge_cases():
@@ -105,19 +177,34 @@ def test_sign_flip_pvalue():
     assert 0 < p < 0.001
 
 
-def test_run_gate_summary_and_association():
+def test_run_gate_summary_keeps_epoch_zero_flips():
     history, runs = _history()
     g = gates.gate_frame(history, runs)
     summary = gates.run_gate_summary(g)
-    # drift is the last epoch's value; the flip share mean leaves epoch 0 out
-    assert summary.loc["a", "gate.sru.gamma_drift"] == pytest.approx(0.06)
-    flips = g[(g["run_id"] == "a") & (g["stat"] == "flip_share") & (g["epoch"] >= 1)]["value"].mean()
+    assert summary.loc["a", "gate.sru.gamma_drift"] == pytest.approx(0.06)  # the last epoch's value
+    flips = g[(g["run_id"] == "a") & (g["stat"] == "flip_share")]["value"].mean()  # epoch 0 included
     assert summary.loc["a", "gate.sru.flip_share"] == pytest.approx(flips)
-    extra = pd.DataFrame({"gate.sru.flip_share": [0.1, 0.2, 0.3, 0.4], "gate.sru.informative_share": [0.4, 0.1, 0.3, 0.2],
-                          "target": [1.0, 2.0, 3.0, 4.0]})
-    assoc = gates.gate_association(extra, "target")
-    assert assoc["gate_stat"].tolist() == ["gate.sru.flip_share", "gate.sru.informative_share"]
-    assert assoc.iloc[0]["rho"] == pytest.approx(1.0) and assoc.iloc[0]["n_runs"] == 4
+    assert not any("near_threshold" in c for c in summary.columns)
+
+
+def test_layer_stats_show_scale_free_statistics_not_near_threshold_share():
+    stats_ = {s for _, s in gates.LAYER_STATS}
+    assert {"margin_share", "perturb_flip_share"} <= stats_ and "near_threshold_share" not in stats_
+
+
+def test_gate_association_is_per_variant_never_pooled():
+    table = pd.DataFrame({
+        "variant": ["x"] * 6 + ["y"] * 4,
+        "gate.sru.margin_share": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.4, 0.1, 0.3, 0.2],
+        "target": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0]})
+    assoc = gates.gate_association(table, "target")
+    assert list(assoc.columns) == gates.ASSOCIATION_COLUMNS
+    x, y = assoc.set_index("variant").loc["x"], assoc.set_index("variant").loc["y"]
+    assert x["rho"] == pytest.approx(1.0) and x["n_runs"] == 6 and x["p_value"] == pytest.approx(2 / 720)
+    assert y["n_runs"] == 4 and y["rho"] == pytest.approx(-0.4)
+    assert x["q_value"] == pytest.approx(2 * 2 / 720)  # BH over the two variants' rows
+    pooled_rho = gates.spearman(table["gate.sru.margin_share"], table["target"], with_p=False)[0]
+    assert not np.isclose(pooled_rho, assoc["rho"]).any()
 
 
 def test_probe_masks_on_a_model():

@@ -35,7 +35,8 @@ def test_tables_and_comparisons(study):
     assert primary.loc["sru_cru", "ratio"] > 1.5 and primary.loc["sru_cru", "ratio"] > primary.loc["sru", "ratio"]
     assert (primary["n_variant"] == 3).all() and (primary["baseline"] == "none").all()
     assert not any(c.startswith("gate.") for c in data.comparisons["metric"])  # gates are explained, not compared
-    assert data.flip_coupling.groupby("variant").first()["layer"].eq(COUPLED_LAYER).all()
+    best = data.flip_coupling.loc[data.flip_coupling.groupby("variant")["p_value"].idxmin()]
+    assert best["layer"].eq(COUPLED_LAYER).all() and (best["rho"] > 0).all()
     assert len(data.churn) == 9 and set(data.churn["kind"]) <= {"confidence", "predictions", "undetermined"}
 
 
@@ -55,7 +56,7 @@ def test_figure_infos(study):
     fl = report.get_fluctuation_info(data)
     assert fl.metrics[0] == "val_loss.resid_sd" and set(fl.ratios["variant"]) == {"sru", "sru_cru"}
     points = report.get_flip_scatter_info(data).points
-    assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == 2
+    assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == 1
 
 
 def test_summary_states_findings_with_numbers(study):

@@ -16,7 +16,7 @@ import pytest
 from ablate.config import ConfigError, RunConfig
 
 LAYERS = ("layer1.0.conv2", "layer2.0.conv2")
-#: layer2's flip share rises with each |delta val loss| (its first difference tracks the loss jumps); layer1's is noise.
+#: layer2's flip share goes with each epoch's |delta val loss|; layer1's is noise.
 COUPLED_LAYER = "layer2.0.conv2"
 
 
@@ -35,11 +35,9 @@ def _gate_curves(rng: np.random.Generator, val: np.ndarray, order: str) -> dict[
     out: dict[str, np.ndarray] = {}
     jumps = np.abs(np.diff(val, prepend=val[0]))
     for layer in LAYERS if "sru" in order else ():
+        flip = 0.02 + rng.uniform(0.0, 0.01, epochs)
         if layer == COUPLED_LAYER:
-            flip = np.cumsum(jumps) * 0.05  # first difference of the flip share = 0.05 |delta val loss|
-        else:
-            flip = rng.uniform(0.0, 0.05, epochs)
-        flip[0] = 0.0
+            flip = flip + 0.5 * jumps  # the flip share of epoch e goes with |val_loss[e] - val_loss[e-1]|
         out[f"sru/{layer}/flip_share"] = flip
         out[f"sru/{layer}/informative_share"] = 0.5 + rng.normal(0, 0.01, epochs)
         out[f"sru/{layer}/near_threshold_share"] = 0.1 + rng.normal(0, 0.01, epochs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis import fluctuation, gates, stats
+from analysis import fluctuation, stats
 from analysis.report.data import ALPHA, PRIMARY, ReportData
 from analysis.report.fluctuation_bars import get_fluctuation_info
 
@@ -99,66 +99,10 @@ def _verdict(c) -> str:
 
 
 def gate_findings(data: ReportData) -> list[str]:
-    """Sentences on flip-share coupling per layer, across-run association and gamma drift."""
-    return [*_coupling_lines(data), *_association_lines(data), *_drift_lines(data)]
+    """The "Mechanism evidence" sentences (``analysis.report.mechanism``)."""
+    from analysis.report.mechanism import mechanism_section
 
-
-def _coupling_lines(data: ReportData) -> list[str]:
-    out = []
-    for variant in data.runs.variants:
-        ok = data.flip_coupling[(data.flip_coupling["variant"] == variant) & data.flip_coupling["rho"].notna()]
-        if ok.empty:
-            continue
-        top, low = ok.iloc[0], ok.iloc[-1]
-        p = (f"; per-run rhos differ from 0 with {_p_text(top.p_value)} (sign-flip test over "
-             f"{int(top.n_runs)} runs)" if np.isfinite(top.p_value) else "")
-        ranked = ", ".join(f"{r.layer} ({_f(r.rho, 2)})" for r in ok.itertuples())
-        out.append(f"`{variant}`: the first difference of the flip share moves with |delta val loss| most in "
-                   f"{top.layer} (Spearman rho = {_f(top.rho, 2)} over {int(top.n_pairs)} epoch pairs from "
-                   f"{int(top.n_runs)} run(s), median per-run rho {_f(top.rho_run_median, 2)}{p}) and least in "
-                   f"{low.layer} (rho = {_f(low.rho, 2)}). Layers ranked: {ranked}.")
-    return out
-
-
-def _association_lines(data: ReportData) -> list[str]:
-    assoc = data.gate_association
-    if assoc.empty or not assoc["rho"].notna().any():
-        return []
-    ok = assoc[assoc["rho"].notna()]
-    tested = not data.descriptive  # one run per variant: the association is descriptive
-    parts = [f"{r.gate_stat} rho = {_f(r.rho, 2)}"
-             + (f" ({_p_text(r.p_value)})" if tested and np.isfinite(r.p_value) else "") for r in ok.itertuples()]
-    return [f"Across the {int(ok['n_runs'].max())} runs with gates (variants pooled, so differences between "
-            f"variants count too), {PRIMARY} rises or falls with: " + "; ".join(parts) + "."]
-
-
-def _drift_lines(data: ReportData) -> list[str]:
-    if data.gates.empty:
-        return []
-    drift = gates.final_stat(data.gates, "sru", "gamma_drift")
-    out = []
-    for variant in data.runs.variants:
-        vals = drift.loc[drift["variant"] == variant, "value"].to_numpy(dtype=float)
-        if not vals.size:
-            continue
-        mode = _param_of(data, variant, "scconv.gate_mode")
-        note = ""
-        if mode == "binary":
-            how = ("gamma never moved, so it does not learn" if np.all(vals == 0)
-                   else "gamma moved only through terms outside the loss, such as weight decay")
-            note = f" The binary gate passes no gradient to gamma (its mask 1[R > t] is a step function of R): {how}."
-        out.append(f"`{variant}` (gate_mode {mode or 'unknown'}): gamma drift from its initial value at the last epoch "
-                   f"is {_f(float(np.median(vals)))} (median over layers; range {_f(vals.min())} to {_f(vals.max())})."
-                   f"{note}")
-    return out
-
-
-def _param_of(data: ReportData, variant: str, param: str) -> str | None:
-    if param not in data.runs.params:
-        return None
-    ids = data.runs.runs.index[data.runs.runs["variant"] == variant]
-    values = data.runs.params.loc[ids, param].dropna().unique()
-    return values[0] if len(values) == 1 else None
+    return mechanism_section(data).lines
 
 
 def churn_findings(data: ReportData) -> list[str]:
