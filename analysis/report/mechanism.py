@@ -68,6 +68,11 @@ def mechanism_section(data: ReportData) -> MechanismSection:
     return MechanismSection(lines, {k: t for k, t in tables.items() if len(t)}, figures)
 
 
+def mechanism_lines(data: ReportData) -> list[str]:
+    """The sentences of :func:`mechanism_section` (for the report's Findings)."""
+    return mechanism_section(data).lines
+
+
 # -- what the gate mode implies ---------------------------------------------------------------
 
 
@@ -165,7 +170,8 @@ def association_lines(assoc: pd.DataFrame, alpha: float = ALPHA) -> list[str]:
         return []
     tested = assoc[assoc["p_value"].notna()]
     if tested.empty:
-        return [f"Gate statistics vs {PRIMARY} within each variant: not tested (too few runs per variant)."]
+        return [f"Gate statistics vs {PRIMARY} within each variant: not tested (fewer than 3 runs per variant, "
+                "or a statistic constant across runs)."]
     hits = tested[tested["q_value"] <= alpha]
     n = int(tested["n_runs"].max())
     if hits.empty:
