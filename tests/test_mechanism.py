@@ -143,7 +143,9 @@ def test_scale_free_summary_and_no_near_threshold_share(data):
     row = summary[(summary["variant"] == "soft") & (summary["stat"] == "margin_share")].iloc[0]
     assert row["median"] == pytest.approx(0.08, abs=0.01) and row["n_runs"] == 5 and row["min"] < row["max"]
     section = mechanism.mechanism_section(data)
-    assert not any("near_threshold" in line for line in section.lines)
+    mentions = [line for line in section.lines if "near_threshold" in line]
+    assert len(mentions) == 1 and "is not shown" in mentions[0]  # only to say why; no value of it anywhere
+    assert not any("near_threshold" in t for t in section.tables["gate_scale_free.csv"]["stat"])
     assert any(line.startswith("`binary` gate statistics") and "margin_share 0.2" in line for line in section.lines)
 
 
@@ -192,3 +194,13 @@ def test_flip_scatter_info_uses_residuals_and_palette(data):
     fig = get_flip_scatter_plot(info)
     assert {t.name for t in fig.data} == {"soft", "binary"}
     assert {t.marker.color for t in fig.data} == {info.colors["soft"], info.colors["binary"]}
+
+
+def test_binary_threshold_other_than_half_is_stated(data):
+    params = data.runs.params.assign(**{"scconv.gate_threshold": "0.5"})
+    params.loc[data.runs.runs["variant"] == "binary", "scconv.gate_threshold"] = "0.6"
+    runs = data.runs.__class__(**{**data.runs.__dict__, "params": params})
+    lines = mechanism.gate_mode_lines(data.__class__(**{**data.__dict__, "runs": runs}))
+    binary = next(line for line in lines if line.startswith("`binary`"))
+    assert "t = 0.6, not 0.5" in binary and "logit(t) / w" in binary
+    assert "t = " not in next(line for line in lines if line.startswith("`soft`")).split("(`sens/slope`")[1]

@@ -87,12 +87,21 @@ def gate_modes(params: pd.DataFrame, runs: pd.DataFrame, gated: set[str]) -> dic
     return out
 
 
+def _thresholds(params: pd.DataFrame, runs: pd.DataFrame) -> dict[str, float]:
+    """Variant -> its ``scconv.gate_threshold`` when every run logged the same number."""
+    if "scconv.gate_threshold" not in params.columns:
+        return {}
+    values = pd.to_numeric(params["scconv.gate_threshold"], errors="coerce").groupby(runs["variant"]).unique()
+    return {v: float(vals[0]) for v, vals in values.items() if len(vals) == 1 and np.isfinite(vals[0])}
+
+
 def gate_mode_lines(data: ReportData) -> list[str]:
     """One sentence per gated variant: its gate mode and what that implies, with the measured gamma drift."""
     if data.gates.empty:
         return []
     sru = data.gates[data.gates["kind"] == "sru"]
     modes = gate_modes(data.runs.params, data.runs.runs, set(sru["variant"]))
+    thresholds = _thresholds(data.runs.params, data.runs.runs)
     drift = sru[sru["stat"] == "gamma_drift"]
     out = []
     for variant in [v for v in data.runs.variants if v in modes]:
@@ -101,6 +110,9 @@ def gate_mode_lines(data: ReportData) -> list[str]:
             out.append(f"`{variant}`: gate mode unknown or mixed across its runs (param `scconv.gate_mode`).")
             continue
         text = f"`{variant}` uses gate mode `{mode}`: {GATE_MODE_TEXT.get(mode, 'no description')}."
+        if mode == "binary" and thresholds.get(variant) not in (None, 0.5):
+            text += (f" Its threshold is t = {thresholds[variant]:g}, not 0.5, so at init the mask is "
+                     "x > group mean + (logit(t) / w) x group SD, with w = 1/C.")
         mine = drift[drift["variant"] == variant]
         if len(mine):
             last = mine[mine["epoch"] == mine.groupby("run_id")["epoch"].transform("max")]["value"]
@@ -129,14 +141,17 @@ def scale_free_summary(run_metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def gate_summary_lines(summary: pd.DataFrame) -> list[str]:
-    """One sentence per variant with both scale-free statistics (median and range over runs)."""
+    """One sentence per variant with both scale-free statistics (median and range over runs), then what they mean."""
     out = []
     for variant, grp in summary.groupby("variant", sort=False):
         parts = [f"{r.stat} {_f(r.median)} (range {_f(r.min)} to {_f(r.max)})" for r in grp.itertuples()]
         out.append(f"`{variant}` gate statistics (mean over layers and epochs, median over {int(grp['n_runs'].max())} "
-                   f"run(s)): " + "; ".join(parts) + ". margin_share: share of positions whose gate logit lies "
-                   "within 0.1 of its own SD from the threshold; perturb_flip_share: share of mask bits that flip "
-                   "under a fixed 1e-3 RMS input perturbation.")
+                   f"run(s)): " + "; ".join(parts) + ".")
+    if out:
+        out.append("margin_share: share of positions whose gate logit lies within 0.1 of its own SD from the "
+                   "threshold's; perturb_flip_share: share of the bits R > t (the mask a hard gate uses) that flip "
+                   "under a fixed 1e-3 RMS input perturbation. Both are scale-free; near_threshold_share is not "
+                   "shown: it is about 1 by construction (R stays near 0.5 when w = gamma / sum(gamma) is about 1/C).")
     return out
 
 
@@ -267,11 +282,13 @@ def sensitivity_lines(sens: pd.DataFrame, baseline: str, alpha: float = ALPHA) -
         if variant != baseline and np.isfinite(r["p_value"]):
             verdict = "differs from" if r["q_value"] <= alpha else "not different at q <= %g from" % alpha
             text += f"; {verdict} `{baseline}` (difference {_f(r['vs_baseline'], 2)}, p = {r['p_value']:.2g}, q = {r['q_value']:.2g})"
-        hits = sens[(sens["variant"] == variant) & (sens["metric"] != SENS_SLOPE_METRIC) & (sens["q_value"] <= alpha)]
-        if len(hits):
-            text += "; vs the baseline at q <= %g: " % alpha + ", ".join(
-                f"{m.split('/')[1]} x{_f(h.vs_baseline, 3)} at eps {h.eps:g} (q = {h.q_value:.2g})"
-                for m, h in zip(hits["metric"], hits.itertuples()))
+        for kind in SENS_KINDS:
+            rows = sens[(sens["variant"] == variant) & sens["metric"].str.startswith(f"sens/{kind}/")
+                        & (sens["q_value"] <= alpha)].sort_values("eps")
+            if len(rows):
+                text += (f"; {kind} sensitivity vs `{baseline}` at q <= {alpha}: "
+                         + ", ".join(f"x{_f(h.vs_baseline, 2)} at eps {h.eps:g}" for h in rows.itertuples())
+                         + f" (q <= {rows['q_value'].max():.2g})")
         out.append(text + ".")
     if out:
         out.append("Sensitivity tests are exploratory (their own BH family, permutation test on log values of the "
