@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from ablate.cli.common import OneLineParser, add_tracking_uri, run_cli
+from ablate.errors import ConfigError
+from ablate.fileio import writable_problem
 
 
 def _non_negative(value: str) -> int:
@@ -48,8 +50,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import make_report
     from analysis.runs import make_client
 
-    client = make_client(args.tracking_uri)
     out = Path(args.out) if args.out else Path("reports") / args.experiment
+    problem = writable_problem(out, folder=True)
+    if problem:  # before reading any run: a bad folder must cost nothing and leave nothing
+        raise ConfigError(f"--out={str(out)!r} is not valid: {problem}; accepted: a folder that can be created or written")
+    client = make_client(args.tracking_uri)
     index, run_id = make_report(client, args.experiment, out, group_by=args.group_by, baseline=args.baseline,
                                 from_epoch=args.from_epoch, sensitivity=args.sensitivity, log=not args.no_log)
     if run_id:
@@ -83,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", help="fluctuation report of an experiment (HTML, Markdown, CSV; logged to MLflow)",
         description="Read every FINISHED run of an experiment that has train_loss and val_loss histories, group "
-                    "seeds into variants, compare each variant's curve fluctuation with the baseline (run = unit, "
-                    "bootstrap CIs, permutation p-values), relate it to gate statistics and prediction churn, and "
+                    "seeds into variants, compare each variant's curve fluctuation after warm-up with the baseline (run = "
+                    "unit; pre-declared primary metric val_loss.resid_sd: ratio of geometric means, permutation test, "
+                    "CI by inverting it, BH q), relate it to gate statistics and prediction churn, and "
                     "write DIR/index.html, summary.md, comparisons.csv and run_metrics.csv. The report is also "
                     "logged as artifacts (report/) of the study's parent run, or of a new run tagged "
                     "ablate.role=report.")
@@ -95,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bookkeeping params such as run_name and data_root; see analysis/runs.py)")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="variant label to compare against (default: the variant with scconv.order=none)")
-    p.add_argument("--from-epoch", type=_non_negative, default=0, metavar="K",
-                   help="compute curve metrics on epochs >= K (default 0)")
+    p.add_argument("--from-epoch", type=_non_negative, default=None, metavar="K",
+                   help="compute curve metrics on epochs >= K (default: the window rule, which starts after every "
+                        "run's warm-up: the latest epoch where a run's val_loss trend comes within 25%% of its total "
+                        "change of its final level, leaving at least 6 epochs; see docs/report.md)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default reports/<experiment>)")
     p.add_argument("--sensitivity", action="store_true",
                    help="also measure captum sensitivity of gate masks and GradCAM attributions on one "

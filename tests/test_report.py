@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from test_runs import COUPLED_LAYER, log_study
 
-from analysis import stats
+from analysis import fluctuation, stats
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def _data(uri, **kw):
     from analysis.report import build_report_data
     from analysis.runs import make_client
 
-    return build_report_data(make_client(uri), "synthetic", n_boot=200, **kw)
+    return build_report_data(make_client(uri), "synthetic", **kw)
 
 
 def test_tables_and_comparisons(study):
@@ -48,6 +48,14 @@ def test_figure_infos(study):
     assert curves.variants == ["none", "sru", "sru_cru"]
     assert [len(curves.runs[v]) for v in curves.variants] == [3, 3, 3]
     assert all(len(r["val_loss"]) == 12 for r in curves.runs["sru"])
+    from ablate.ui.palette import variant_color
+
+    assert curves.colors == {v: variant_color(v, curves.variants) for v in curves.variants}
+    band = curves.bands["sru_cru"]["val_loss"]
+    seeds = pd.DataFrame({r["seed"]: r["val_loss"] for r in curves.runs["sru_cru"]})
+    assert list(band["epoch"]) == list(range(12)) and (band["n"] == 3).all()
+    assert band["mean"].to_numpy() == pytest.approx(seeds.mean(axis=1).to_numpy())
+    assert (band["low"] < band["mean"]).all() and (band["mean"] < band["high"]).all()
     heat = report.get_gate_heatmap_info(data, "sru", "flip_share")
     assert heat.variants == ["sru", "sru_cru"] and heat.layers == ["layer1.0.conv2", "layer2.0.conv2"]
     assert heat.epochs == list(range(12)) and len(heat.z["sru"]) == 2 and len(heat.z["sru"][0]) == 12
@@ -56,19 +64,49 @@ def test_figure_infos(study):
     fl = report.get_fluctuation_info(data)
     assert fl.metrics[0] == "val_loss.resid_sd" and set(fl.ratios["variant"]) == {"sru", "sru_cru"}
     points = report.get_flip_scatter_info(data).points
-    assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == 1
+    # flips are related to val-loss moves inside the report's window (the first move is epoch 1)
+    assert set(points["variant"]) == {"sru", "sru_cru"} and points["epoch"].min() == max(data.from_epoch, 1)
 
 
-def test_summary_states_findings_with_numbers(study):
+def test_summary_opens_with_findings_and_says_too_few_runs(study):
     from analysis.report import summary_markdown
 
     text = summary_markdown(_data(study))
-    line = next(l for l in text.splitlines() if l.startswith("- `sru_cru` vs `none`"))
-    assert re.search(r"ratio \d", line) and "95% CI" in line and re.search(r"p = 0\.\d", line)
-    # 3 vs 3 runs cannot reach p < 0.05 two-sided: the report says so and how many seeds it needs
-    assert "smallest attainable p is 0.1" in line and f"{stats.min_seeds_for(0.05)} seeds" in line
-    assert f"most in {COUPLED_LAYER}" in text
+    assert text.splitlines()[2] == "## Findings"
+    findings = text[:text.index("## What was compared")]
+    line = next(l for l in findings.splitlines() if l.startswith("- `sru_cru` vs `none`"))
+    # 3 vs 3 runs cannot reach p < 0.05 two-sided: no CI, and the report says why and how many seeds it needs
+    assert f"too few runs (n=3, need {stats.min_seeds_for(0.05)})" in line and "95% CI" not in line
+    assert "smallest attainable p is 0.1" in line
+    assert "near_threshold" not in text and "Window: epochs >=" in text and "by the window rule" in text
     assert "| val_loss.resid_sd p |" in text  # tested: p and q of the primary metric in the key table
+
+
+def test_five_seeds_give_a_supported_finding_with_q_and_ci(store):
+    """5 seeds per arm, sru_cru 6x noisier: a supported effect with its CI and q; sru (same noise) not supported."""
+    from analysis.report import summary_markdown
+
+    log_study(store, seeds=5, predictions=False)
+    data = _data(store)
+    text = summary_markdown(data)
+    supported = text[text.index("### Supported effects"):text.index("### Tested and not supported")]
+    assert supported.count("\n- ") == 1 and "`sru_cru` vs `none`" in supported
+    assert re.search(r"95% CI \d\S* to \d", supported) and re.search(r"q = 0\.0\d", supported)
+    assert "fluctuates more than the baseline" in supported and "BH over the 2 primary comparisons" in supported
+    rest = text[text.index("### Tested and not supported"):text.index("## What was compared")]
+    assert "`sru` vs `none`" in rest and "no difference supported" in rest
+    row = data.comparisons.set_index(["metric", "variant"]).loc[("val_loss.resid_sd", "sru_cru")]
+    assert row["ci_low"] > 1.0 and row["q_value"] <= 0.05
+    page = __import__("analysis.report", fromlist=["index_html"]).index_html(data)
+    assert page.index("<h2>Findings</h2>") < page.index("<h2>What was compared</h2>") < page.index("<h2>Key table</h2>")
+
+
+def test_from_epoch_overrides_the_window_rule(study):
+    data = _data(study, from_epoch=1)
+    assert data.from_epoch == 1 and not data.window_rule
+    from analysis.report.findings import window_line
+
+    assert window_line(data) == "Window: epochs >= 1, set by --from-epoch."
 
 
 def test_one_run_per_variant_prints_no_p_value(store):
@@ -79,7 +117,7 @@ def test_one_run_per_variant_prints_no_p_value(store):
     assert data.comparisons["p_value"].isna().all()
     text = summary_markdown(data)
     assert not re.search(r"\bp = ", text) and not re.search(r"\| \S+ [pq] \|", text) and "q =" not in text
-    assert "Descriptive only" in text and f"at least {stats.min_seeds_for(0.05)} seeds per variant" in text
+    assert f"too few runs (n=1, need {stats.min_seeds_for(0.05)})" in text and "no test is possible" in text
 
 
 def test_cli_writes_files_and_logs_to_parent(study, tmp_path, capsys):
@@ -142,6 +180,18 @@ def test_bad_input_exits_2_and_writes_nothing(study, tmp_path, capsys, args, exp
 def test_missing_store_exits_2(tmp_path, capsys):
     from analysis.cli import main
 
-    assert main(["report", "--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert main(["report", "--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}",
+                 "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+def test_unwritable_out_exits_2_before_reading_runs(study, tmp_path, capsys):
+    from analysis.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["report", "--experiment", "synthetic", "--tracking-uri", study, "--out", str(blocker / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("analysis: error: --out=") and "accepted:" in err[0]
+    assert blocker.read_text() == "x" and not (tmp_path / "reports").exists()

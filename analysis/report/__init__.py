@@ -2,7 +2,8 @@
 and log it back to MLflow (``log_report``).
 
 Files in the output folder: ``index.html`` (plotly figures with plotly.js embedded once, readable
-offline), ``summary.md`` (key table and findings with effect sizes, CIs and p-values),
+offline), ``summary.md`` (opens with ``## Findings``: the pre-declared comparison's supported effects
+ranked by effect size, what was tested and not supported, exploratory results, mechanism evidence),
 ``comparisons.csv`` (``analysis.stats.compare_groups``), ``run_metrics.csv`` (one row per run),
 and when the runs have them ``gate_layer_epoch.csv``, ``flip_coupling.csv``, ``gate_association.csv``,
 ``churn.csv``, ``sensitivity.csv``.
@@ -12,10 +13,10 @@ Modules: ``data`` (``ReportData``, the tables), one per figure (``loss_curves``,
 ``log`` (MLflow). Every figure follows Optuna's split: ``get_<figure>_info(data)`` returns plain data in
 a NamedTuple (tests read it) and ``get_<figure>_plot(info)`` only draws it.
 
-Honest p-values: a comparison whose arms have fewer than 2 runs has no p-value (``compare_groups``
-gives NaN) and the report prints none; it says how many seeds per variant a test needs
-(``min_seeds_for(ALPHA)``) and, when the arms are too small to ever reach ``ALPHA``, the smallest
-attainable p (``p_floor``).
+Honest statistics (docs/report.md): metrics use the window after warm-up (``fluctuation.window_start``)
+unless ``from_epoch`` is given; the verdict is on ``PRIMARY`` only, with BH q over that family; a
+comparison whose arms have fewer runs than ``min_seeds_for(ALPHA)`` prints "too few runs" instead of a
+CI, and one with fewer than 2 runs has no p-value at all.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from analysis.report.data import (
 )
 from analysis.report.findings import (
     churn_findings,
+    exploratory_findings,
+    findings_sections,
     fluctuation_findings,
-    gate_findings,
     header_lines,
     key_table,
     sensitivity_findings,
@@ -50,7 +52,7 @@ from analysis.report.render import csv_tables, index_html, summary_markdown, wri
 
 
 def make_report(client, experiment: str, out_dir: str | Path, group_by: Sequence[str] | None = None,
-                baseline: str | None = None, from_epoch: int = 0, sensitivity: bool = False,
+                baseline: str | None = None, from_epoch: int | None = None, sensitivity: bool = False,
                 log: bool = True) -> tuple[Path, str | None]:
     """Validate and compute, then write the report and (``log``) log it to MLflow: (index.html, run id)."""
     data = build_report_data(client, experiment, group_by, baseline, from_epoch, sensitivity)
@@ -72,8 +74,9 @@ __all__ = [
     "churn_findings",
     "churn_table",
     "csv_tables",
+    "exploratory_findings",
+    "findings_sections",
     "fluctuation_findings",
-    "gate_findings",
     "get_flip_scatter_info",
     "get_flip_scatter_plot",
     "get_fluctuation_info",

@@ -40,6 +40,8 @@ class ReportData:
     churn: pd.DataFrame
     sensitivity: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    settle_epochs: dict[str, int | None] = field(default_factory=dict)  #: run_id -> settle epoch of val_loss
+    window_rule: bool = True  #: True: from_epoch came from the window rule; False: from --from-epoch
 
     @property
     def baseline(self) -> str:
@@ -56,21 +58,29 @@ class ReportData:
 
 
 def build_report_data(client, experiment: str, group_by: Sequence[str] | None = None, baseline: str | None = None,
-                      from_epoch: int = 0, sensitivity: bool = False, n_boot: int = 2000) -> ReportData:
-    """Read the runs and compute every table; raises ConfigError on bad input, writes nothing."""
-    if from_epoch < 0:
+                      from_epoch: int | None = None, sensitivity: bool = False) -> ReportData:
+    """Read the runs and compute every table; raises ConfigError on bad input, writes nothing.
+
+    ``from_epoch`` None applies the window rule (``window_epochs``); an integer overrides it.
+    """
+    if from_epoch is not None and from_epoch < 0:
         raise ConfigError(f"--from-epoch={from_epoch!r} is not valid; accepted: an integer >= 0")
     rs = assign_variants(load_runs(client, experiment), group_by, baseline)
     last = int(rs.history["epoch"].max())
-    if from_epoch > last:
+    if from_epoch is not None and from_epoch > last:
         raise ConfigError(f"--from-epoch={from_epoch} is not valid; accepted: 0..{last} (the runs have epochs 0..{last})")
+    settles = settle_epochs(rs)
+    rule = from_epoch is None
+    if rule:
+        from_epoch = fluctuation.window_start(list(settles.values()), last)
     gate_df = gates.gate_frame(rs.history, rs.runs)
     churn_df = churn_table(client, rs, from_epoch)
     table = run_metric_table(rs, from_epoch, gate_df, churn_df)
     metric_cols = [c for c in table.columns if c.split(".")[0] in fluctuation.CURVES
                    or c in fluctuation.METRIC_DOCS or c.startswith("churn.")]
     metric_cols = [c for c in metric_cols if table[c].dtype.kind in "fi"]
-    comparisons = stats.compare_groups(table, rs.baseline, "variant", metric_cols, n_boot=n_boot)
+    comparisons = stats.compare_groups(table, rs.baseline, "variant", metric_cols,
+                                       primary=PRIMARY if PRIMARY in metric_cols else None)
     points = gates.flip_points(gate_df, rs.history, from_epoch)
     association = (gates.gate_association(table.set_index("run_id"), PRIMARY)
                    if any(c.startswith("gate.") for c in table.columns) and PRIMARY in table else pd.DataFrame())
@@ -78,10 +88,31 @@ def build_report_data(client, experiment: str, group_by: Sequence[str] | None = 
         runs=rs, from_epoch=from_epoch, run_metrics=table, comparisons=comparisons,
         gates=gate_df, layer_stats=gates.layer_epoch_stats(gate_df) if len(gate_df) else pd.DataFrame(),
         flip_points=points, flip_coupling=gates.flip_coupling(points), gate_association=association, churn=churn_df,
+        settle_epochs=settles, window_rule=rule,
     )
     if sensitivity:
         data.sensitivity = report_sensitivity(client, rs, data.notes)
     return data
+
+
+def settle_epochs(rs: RunSet) -> dict[str, int | None]:
+    """Per run, the epoch where val_loss's trend is within ``SETTLE_FRACTION`` of its final level (None: too short).
+
+    The report's window starts at the largest of them (``analysis.fluctuation.window_start``), so the
+    warm-up transient of the slowest run is left out of every run's metrics alike.
+    """
+    if "val_loss" not in set(rs.history["metric"]):
+        return {}
+    wide = rs.wide_history(["val_loss"])
+    out = {}
+    for run_id, hist in wide.groupby("run_id", sort=False):
+        out[run_id] = fluctuation.settle_epoch(hist[["epoch", "val_loss"]], breaks=_breaks(rs, run_id))
+    return out
+
+
+def _breaks(rs: RunSet, run_id: str) -> tuple[int, ...]:
+    milestones = rs.params.at[run_id, "milestones"] if "milestones" in rs.params.columns else None
+    return fluctuation.parse_breaks(milestones)
 
 
 def run_metric_table(rs: RunSet, from_epoch: int, gate_df: pd.DataFrame, churn_df: pd.DataFrame) -> pd.DataFrame:
@@ -91,10 +122,8 @@ def run_metric_table(rs: RunSet, from_epoch: int, gate_df: pd.DataFrame, churn_d
     rows = []
     for run_id, hist in wide.groupby("run_id", sort=False):
         row = {"run_id": run_id, "variant": rs.runs.at[run_id, "variant"], "seed": rs.runs.at[run_id, "seed"]}
-        milestones = rs.params.at[run_id, "milestones"] if "milestones" in rs.params.columns else None
         # A scheduled lr drop is a step in the trend, not fluctuation.
-        row.update(fluctuation.run_metrics(hist[["epoch", *curves]], from_epoch,
-                                           breaks=fluctuation.parse_breaks(milestones)))
+        row.update(fluctuation.run_metrics(hist[["epoch", *curves]], from_epoch, breaks=_breaks(rs, run_id)))
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(churn_df):

@@ -9,17 +9,20 @@ import pandas as pd
 
 from analysis import gates, stats
 from analysis.report.data import ReportData
-from analysis.report.findings import definitions, header_lines, key_table, sections
-from analysis.report.flip_scatter import get_flip_scatter_info, get_flip_scatter_plot
+from analysis.report.findings import definitions, findings_sections, header_lines, key_table, sections
 from analysis.report.fluctuation_bars import get_fluctuation_info, get_fluctuation_plot
 from analysis.report.gate_heatmap import get_gate_heatmap_info, get_gate_heatmap_plot
 from analysis.report.loss_curves import get_loss_curves_info, get_loss_curves_plot
+from analysis.report.mechanism import mechanism_section
 
 
 def summary_markdown(data: ReportData) -> str:
-    """summary.md: header, key table, findings by section, definitions."""
-    parts = [f"# Fluctuation report: {data.runs.experiment_name}", "", *header_lines(data), "",
-             "## Key table", "", _markdown_table(key_table(data)), ""]
+    """summary.md: the Findings first, then what was read, the key table, the detail sections, definitions."""
+    parts = [f"# Fluctuation report: {data.runs.experiment_name}", "", "## Findings", ""]
+    for title, lines in findings_sections(data):
+        parts += [f"### {title}", "", *[f"- {line}" for line in lines], ""]
+    parts += ["## What was compared", "", *header_lines(data), "",
+              "## Key table", "", _markdown_table(key_table(data)), ""]
     for title, lines in sections(data):
         parts += [f"## {title}", "", *[f"- {line}" for line in lines], ""]
     parts += ["## Definitions", "", *[f"- `{k}`: {v}" for k, v in definitions(data).items()], ""]
@@ -43,8 +46,7 @@ def figures(data: ReportData) -> list:
         heat = get_gate_heatmap_info(data, kind, stat)
         if heat is not None:
             figs.append(get_gate_heatmap_plot(heat))
-    if len(data.flip_points):
-        figs.append(get_flip_scatter_plot(get_flip_scatter_info(data)))
+    figs.extend(mechanism_section(data).figures)
     return figs
 
 
@@ -55,8 +57,11 @@ def _md_inline(text: str) -> str:
 
 
 def index_html(data: ReportData) -> str:
-    """The HTML page: summary, key table, findings and figures (plotly.js embedded once)."""
-    body = [f"<h1>Fluctuation report: {html.escape(data.runs.experiment_name)}</h1>"]
+    """The HTML page: Findings first, then what was compared, key table, details and figures (plotly.js once)."""
+    body = [f"<h1>Fluctuation report: {html.escape(data.runs.experiment_name)}</h1>", "<h2>Findings</h2>"]
+    for title, lines in findings_sections(data):
+        body += [f"<h3>{html.escape(title)}</h3>", "<ul>", *[f"<li>{_md_inline(line)}</li>" for line in lines], "</ul>"]
+    body.append("<h2>What was compared</h2>")
     body += [f"<p>{_md_inline(line)}</p>" for line in header_lines(data)]
     body += ["<h2>Key table</h2>", key_table(data).to_html(index=False, escape=True, border=0)]
     for title, lines in sections(data):
@@ -75,8 +80,7 @@ def index_html(data: ReportData) -> str:
 def csv_tables(data: ReportData) -> dict[str, pd.DataFrame]:
     """File name -> table, for the tables that have rows."""
     tables = {"comparisons.csv": data.comparisons[list(stats.RESULT_COLUMNS)], "run_metrics.csv": data.run_metrics,
-              "gate_layer_epoch.csv": data.layer_stats, "flip_coupling.csv": data.flip_coupling,
-              "gate_association.csv": data.gate_association, "churn.csv": data.churn}
+              "gate_layer_epoch.csv": data.layer_stats, "churn.csv": data.churn, **mechanism_section(data).tables}
     if data.sensitivity is not None:
         tables["sensitivity.csv"] = data.sensitivity
     return {name: t for name, t in tables.items() if name in ("comparisons.csv", "run_metrics.csv") or len(t)}
