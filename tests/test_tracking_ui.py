@@ -417,7 +417,7 @@ def test_report_puts_its_link_best_variant_and_primary_ratios_on_the_study_run(s
     log_study(store, predictions=False)
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "index.html").write_text("<html></html>")  # the page's content is test_report's business
-    data = build_report_data(make_client(store), "synthetic", n_boot=200)
+    data = build_report_data(make_client(store), "synthetic")
     run_id = log_report(make_client(store), data, tmp_path / "r")
     client = MlflowClient(store)
     parent = client.get_run(run_id)
