@@ -98,7 +98,7 @@ def test_report_with_sensitivity(store, models):
     from analysis.runs import make_client
 
     _log_checkpoint_runs(store, models)
-    data = build_report_data(make_client(store), "sens", sensitivity=True, n_boot=50)
+    data = build_report_data(make_client(store), "sens", sensitivity=True)
     table = data.sensitivity.set_index("label")
     assert list(table.index) == ["none", "sru_cru"]
     _check(table.loc["sru_cru"].to_dict(), gated=True)
