@@ -27,8 +27,8 @@ from ablate.errors import CheckpointError
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
     GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
-    PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS, SUMMARY_METRICS, SUMMARY_PREFIX, VARIANT_TAG,
-    GateKey,
+    PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS, SUMMARY_METRICS, SUMMARY_PREFIX,
+    VARIANT_TAG, GateKey,
 )
 from ablate.train.checkpoint import (
     RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
@@ -159,6 +159,8 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
+#: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
+_SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
 #: Data settings that do not change which images a run sees (left out of its dataset digest).
 _DATA_BOOKKEEPING = ("data_root", "download", "num_workers", "decode", "probe_size")
 
@@ -217,8 +219,6 @@ def epoch_metrics(row: Mapping[str, float], gates: Mapping[GateKey, float], gate
         metrics.update({key.metric_name(): value for key, value in gates.items()})
     return metrics
 
-
-_SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
 
 
 def _log_json(run: track.TrackedRun, payload: Any, name: str) -> None:

@@ -94,9 +94,9 @@ def study_links(client, tracking_uri: str, *, port: int = DEFAULT_UI_PORT, exper
         if not parents:
             continue
         parent = parents[0].info.run_id
-        children = client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time ASC"], max_results=1000)
+        finished_children = f"tags.`{PARENT_RUN_TAG}` = '{parent}' and attributes.status = 'FINISHED'"
+        children = client.search_runs([exp.experiment_id], filter_string=finished_children,
+                                      order_by=["attributes.start_time ASC"], max_results=1000)
         view_id = SAVED_VIEW_ID if SAVED_VIEW_TAG_PREFIX + SAVED_VIEW_ID in exp.tags else None
         has_report = any(f.path == REPORT_ARTIFACT_DIR for f in client.list_artifacts(parent))
         links = ui_links(tracking_uri, exp.experiment_id, [r.info.run_id for r in children], parent, port=port,
