@@ -320,6 +320,7 @@ def test_pruned_trial_ends_killed_with_state_tag(tmp_path, tracking_uri, storage
         assert run.info.status == track.KILLED
         assert run.data.tags["optuna.state"] == "PRUNED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0]
+        assert run.data.metrics["summary.final_val_acc"] == run.data.metrics["val_acc"]  # summarised as it stopped
     # A pruned cell is done: nothing is enqueued again.
     assert enqueue_missing_cells(study, settings) == []
     assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))

@@ -92,6 +92,22 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
     assert [m.step for m in client.get_metric_history(result.run_id, "summary.best_val_acc")] == [1]
 
 
+def test_gate_stats_artifact_is_rewritten_after_every_epoch(tracking_uri, tmp_path):
+    """A run that dies keeps the per-layer statistics of the epochs it finished: the table is logged each epoch."""
+    client = MlflowClient(tracking_uri)
+    seen = {}
+
+    def read_gates(epoch, metrics):
+        run_id = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0].info.run_id
+        local = client.download_artifacts(run_id, "gate_stats.csv", str(tmp_path / str(epoch)))
+        seen[epoch] = sorted(set(pd.read_csv(local)["epoch"]))
+        assert "gate.sru.flip_share" in metrics and "sens/out/eps_1e-02" in metrics  # on_epoch sees every value
+
+    run_training(_cfg(**{"scconv.order": "sru", "epochs": 2}), tracking_uri=tracking_uri, on_epoch=read_gates,
+                 progress=False)
+    assert seen == {0: [0], 1: [0, 1]}
+
+
 def test_summary_metrics_are_the_reports_fluctuation_metrics_from_the_settle_epoch():
     from analysis.fluctuation import run_metrics, settle_epoch
 
