@@ -100,8 +100,13 @@ def test_sensitivity_lines_name_the_signature_with_q(data):
     lines = mechanism.sensitivity_lines(sens, "none")
     binary = next(line for line in lines if line.startswith("`binary`"))
     soft = next(line for line in lines if line.startswith("`soft`"))
-    assert "hard-gate 1/sqrt(eps) signature" in binary and "differs from `none`" in binary and "q = " in binary
-    assert "no hard-gate signature" in soft
+    assert "reads as the hard-gate 1/sqrt(eps) signature" in binary and "differs from `none`" in binary
+    assert "out sensitivity vs `none` at q <= 0.05: x3.8 at eps 0.0001" in binary
+    assert "no hard-gate signature" in soft and "not different at q <= 0.05 from `none`" in soft
+    no_slope = sens[sens["metric"] != SENS_SLOPE_METRIC].assign(p_value=0.5, q_value=0.5)
+    lines = mechanism.sensitivity_lines(no_slope, "none")
+    soft = next(line for line in lines if line.startswith("`soft`"))
+    assert "no `sens/slope` logged" in soft and "not different from `none` at q <= 0.05 at any eps" in soft
     assert "exploratory" in lines[-1]
 
 
@@ -125,7 +130,7 @@ def test_gate_mode_lines_say_what_the_mode_implies(data):
     binary = next(line for line in lines if line.startswith("`binary`"))
     soft = next(line for line in lines if line.startswith("`soft`"))
     assert "no gradient reaches GroupNorm's gamma or beta" in binary and "per-sample group mean" in binary
-    assert "median 0," in binary  # measured drift: gamma never moved
+    assert "`binary` median 0, max 0 (5 runs)" in binary  # measured drift: gamma never moved
     assert "smooth" in soft and "per-sample group mean" not in soft
     assert not any(line.startswith("`none`") for line in lines)  # no SRU, nothing to say
 
@@ -202,5 +207,13 @@ def test_binary_threshold_other_than_half_is_stated(data):
     runs = data.runs.__class__(**{**data.runs.__dict__, "params": params})
     lines = mechanism.gate_mode_lines(data.__class__(**{**data.__dict__, "runs": runs}))
     binary = next(line for line in lines if line.startswith("`binary`"))
-    assert "t = 0.6, not 0.5" in binary and "logit(t) / w" in binary
+    assert "`binary` has threshold t = 0.6, not 0.5" in binary and "logit(t) / w" in binary
     assert "t = " not in next(line for line in lines if line.startswith("`soft`")).split("(`sens/slope`")[1]
+
+
+def test_variants_sharing_a_gate_mode_get_one_sentence(data):
+    params = data.runs.params.assign(**{"scconv.gate_mode": "binary"})
+    runs = data.runs.__class__(**{**data.runs.__dict__, "params": params})
+    lines = mechanism.gate_mode_lines(data.__class__(**{**data.__dict__, "runs": runs}))
+    assert len(lines) == 1 and lines[0].startswith("`binary`, `soft` use gate mode `binary`")  # variants in report order
+    assert "`soft` median 0.05" in lines[0] and "`binary` median 0," in lines[0]

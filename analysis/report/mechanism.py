@@ -96,30 +96,42 @@ def _thresholds(params: pd.DataFrame, runs: pd.DataFrame) -> dict[str, float]:
 
 
 def gate_mode_lines(data: ReportData) -> list[str]:
-    """One sentence per gated variant: its gate mode and what that implies, with the measured gamma drift."""
+    """One sentence per gate mode in use (its variants named): what the mode implies, then each variant's measured
+    gamma drift and, for a hard gate, a threshold other than 0.5."""
     if data.gates.empty:
         return []
     sru = data.gates[data.gates["kind"] == "sru"]
     modes = gate_modes(data.runs.params, data.runs.runs, set(sru["variant"]))
     thresholds = _thresholds(data.runs.params, data.runs.runs)
     drift = sru[sru["stat"] == "gamma_drift"]
+    ordered = [v for v in data.runs.variants if v in modes]
     out = []
-    for variant in [v for v in data.runs.variants if v in modes]:
-        mode = modes[variant]
-        if mode is None:
-            out.append(f"`{variant}`: gate mode unknown or mixed across its runs (param `scconv.gate_mode`).")
-            continue
-        text = f"`{variant}` uses gate mode `{mode}`: {GATE_MODE_TEXT.get(mode, 'no description')}."
-        if mode == "binary" and thresholds.get(variant) not in (None, 0.5):
-            text += (f" Its threshold is t = {thresholds[variant]:g}, not 0.5, so at init the mask is "
-                     "x > group mean + (logit(t) / w) x group SD, with w = 1/C.")
-        mine = drift[drift["variant"] == variant]
-        if len(mine):
-            last = mine[mine["epoch"] == mine.groupby("run_id")["epoch"].transform("max")]["value"]
-            text += (f" Measured gamma drift from init at the last epoch: median {_f(last.median())}, max "
-                     f"{_f(last.max())} over {mine['run_id'].nunique()} run(s) and their layers.")
+    unknown = [v for v in ordered if modes[v] is None]
+    if unknown:
+        out.append(f"{_names(unknown)}: gate mode unknown or mixed across the runs (param `scconv.gate_mode`).")
+    for mode in dict.fromkeys(modes[v] for v in ordered if modes[v] is not None):
+        variants = [v for v in ordered if modes[v] == mode]
+        verb = "uses" if len(variants) == 1 else "use"
+        text = f"{_names(variants)} {verb} gate mode `{mode}`: {GATE_MODE_TEXT.get(mode, 'no description')}."
+        for variant in variants:
+            if mode in ("binary", "ste") and thresholds.get(variant) not in (None, 0.5):
+                text += (f" `{variant}` has threshold t = {thresholds[variant]:g}, not 0.5, so at init its mask is "
+                         "x > group mean + (logit(t) / w) x group SD, with w = 1/C.")
+        measured = []
+        for variant in variants:
+            mine = drift[drift["variant"] == variant]
+            if len(mine):
+                last = mine[mine["epoch"] == mine.groupby("run_id")["epoch"].transform("max")]["value"]
+                measured.append(f"`{variant}` median {_f(last.median())}, max {_f(last.max())} "
+                                f"({mine['run_id'].nunique()} runs)")
+        if measured:
+            text += " Measured gamma drift from init at the last epoch (over runs and layers): " + "; ".join(measured) + "."
         out.append(text)
     return out
+
+
+def _names(variants) -> str:
+    return ", ".join(f"`{v}`" for v in variants)
 
 
 # -- scale-free gate statistics ---------------------------------------------------------------
@@ -267,32 +279,41 @@ def sensitivity_table(history: pd.DataFrame, runs: pd.DataFrame, baseline: str, 
 
 
 def sensitivity_lines(sens: pd.DataFrame, baseline: str, alpha: float = ALPHA) -> list[str]:
-    """Per variant: its ``sens/slope`` (median, range) against the baseline's, whether it shows the hard-gate
-    signature, and the eps at which output or loss sensitivity differs from the baseline at q <= alpha."""
+    """Per variant: its ``sens/slope`` (median, range) and whether it reads as the hard-gate signature, how the slope
+    compares with the baseline's, and the eps at which output or loss sensitivity differs from the baseline at
+    q <= alpha."""
     if sens.empty:
         return []
-    slope = sens[sens["metric"] == SENS_SLOPE_METRIC].set_index("variant")
     out = []
-    for variant in slope.index:
-        r = slope.loc[variant]
-        reading = ("the hard-gate 1/sqrt(eps) signature" if r["median"] <= HARD_GATE_SLOPE
-                   else "a flat sensitivity (no hard-gate signature)")
-        text = (f"`{variant}`: `sens/slope` {_f(r['median'], 2)} (range {_f(r['min'], 2)} to {_f(r['max'], 2)}, "
-                f"{int(r['n_runs'])} run(s)): {reading}")
-        if variant != baseline and np.isfinite(r["p_value"]):
-            verdict = "differs from" if r["q_value"] <= alpha else "not different at q <= %g from" % alpha
-            text += f"; {verdict} `{baseline}` (difference {_f(r['vs_baseline'], 2)}, p = {r['p_value']:.2g}, q = {r['q_value']:.2g})"
+    for variant in dict.fromkeys(sens["variant"]):
+        mine = sens[sens["variant"] == variant]
+        slope = mine[mine["metric"] == SENS_SLOPE_METRIC]
+        if len(slope):
+            r = slope.iloc[0]
+            reading = ("reads as the hard-gate 1/sqrt(eps) signature" if r["median"] <= HARD_GATE_SLOPE
+                       else "a flat sensitivity (no hard-gate signature)")
+            text = (f"`{variant}`: `sens/slope` {_f(r['median'], 2)} (range {_f(r['min'], 2)} to {_f(r['max'], 2)}, "
+                    f"{int(r['n_runs'])} run(s)): {reading}")
+            if variant != baseline and np.isfinite(r["p_value"]):
+                verdict = "differs from" if r["q_value"] <= alpha else f"not different at q <= {alpha} from"
+                text += (f"; {verdict} `{baseline}` (difference {_f(r['vs_baseline'], 2)}, p = {r['p_value']:.2g}, "
+                         f"q = {r['q_value']:.2g})")
+        else:
+            text = f"`{variant}`: no `sens/slope` logged"
+        tested = mine[(mine["metric"] != SENS_SLOPE_METRIC) & mine["p_value"].notna()]
         for kind in SENS_KINDS:
-            rows = sens[(sens["variant"] == variant) & sens["metric"].str.startswith(f"sens/{kind}/")
-                        & (sens["q_value"] <= alpha)].sort_values("eps")
+            rows = tested[tested["metric"].str.startswith(f"sens/{kind}/")
+                          & (tested["q_value"] <= alpha)].sort_values("eps")
             if len(rows):
                 text += (f"; {kind} sensitivity vs `{baseline}` at q <= {alpha}: "
                          + ", ".join(f"x{_f(h.vs_baseline, 2)} at eps {h.eps:g}" for h in rows.itertuples())
                          + f" (q <= {rows['q_value'].max():.2g})")
+        if len(tested) and not (tested["q_value"] <= alpha).any():
+            text += f"; output and loss sensitivity not different from `{baseline}` at q <= {alpha} at any eps"
         out.append(text + ".")
-    if out:
-        out.append("Sensitivity tests are exploratory (their own BH family, permutation test on log values of the "
-                   "run medians over epochs); all values in perturbation_sensitivity.csv.")
+    out.append("Sensitivity tests are exploratory (their own BH family; permutation test against the baseline on "
+               "log values of each run's median over epochs, raw values for the slope); all values in "
+               "perturbation_sensitivity.csv.")
     return out
 
 
