@@ -20,6 +20,12 @@ ALPHA = 0.05
 PRIMARY = "val_loss.resid_sd"
 KEY_METRICS = ("val_loss.resid_sd", "val_loss.excess_tv", "val_loss.spike_count", "val_acc.resid_sd",
                "val_train_resid_ratio")
+#: Metrics compared between variants: the primary, the rest of val loss's fluctuation, one fluctuation metric
+#: of each other curve and the run-level ones (with the churn metrics when logged). The other curves' remaining
+#: metrics mostly repeat val loss's (val_acc moves with val_loss) and would only widen the exploratory BH
+#: family; they stay in run_metrics.csv.
+COMPARED = (*(f"val_loss.{m}" for m in fluctuation.CURVE_METRICS), "val_acc.resid_sd", "train_loss.resid_sd",
+            "val_train_resid_ratio", "gen_gap_final")
 CHURN_METRICS = ("flip_rate_mean", "forgetting_events_per_example", "stable_pred_share_of_change_pooled",
                  "top5_share_of_change_pooled")
 
@@ -76,8 +82,7 @@ def build_report_data(client, experiment: str, group_by: Sequence[str] | None = 
     gate_df = gates.gate_frame(rs.history, rs.runs)
     churn_df = churn_table(client, rs, from_epoch)
     table = run_metric_table(rs, from_epoch, gate_df, churn_df)
-    metric_cols = [c for c in table.columns if c.split(".")[0] in fluctuation.CURVES
-                   or c in fluctuation.METRIC_DOCS or c.startswith("churn.")]
+    metric_cols = [c for c in table.columns if c in COMPARED or c.startswith("churn.")]
     metric_cols = [c for c in metric_cols if table[c].dtype.kind in "fi"]
     comparisons = stats.compare_groups(table, rs.baseline, "variant", metric_cols,
                                        primary=PRIMARY if PRIMARY in metric_cols else None)

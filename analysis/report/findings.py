@@ -200,10 +200,12 @@ def window_line(data: ReportData) -> str:
     known = [e for e in data.settle_epochs.values() if e is not None]
     spread = (f"settle epochs over the {len(known)} runs {min(known)} to {max(known)}, median "
               f"{_f(float(np.median(known)))}" if known else "no run long enough to estimate its settle epoch")
+    capped = (f"; capped at epoch {data.from_epoch} to leave {fluctuation.MIN_WINDOW} epochs, so some runs' "
+              "transient is inside the window" if known and data.from_epoch < max(known) else "")
     return (f"Window: epochs >= {data.from_epoch}, by the window rule: a run settles at the first epoch where the "
             f"trend of its val_loss is within {fluctuation.SETTLE_FRACTION:g} of its total change of its final level; "
-            f"the window starts at the latest settle epoch over all runs ({spread}), leaving at least "
-            f"{fluctuation.MIN_WINDOW} epochs, so no run's warm-up counts as fluctuation. --from-epoch overrides it.")
+            f"the window starts at the latest settle epoch over all runs ({spread}{capped}), so no run's warm-up "
+            f"counts as fluctuation. --from-epoch overrides it.")
 
 
 def header_lines(data: ReportData) -> list[str]:
