@@ -217,3 +217,12 @@ def test_probe_masks_on_a_model():
     masks = gates.probe_masks(model, torch.randn(2, 3, 16, 16))
     assert len(masks) == 9 and all(m.dtype == torch.bool and m.shape[0] == 2 for m in masks.values())
     assert all(getattr(m, "last_mask", None) is None for m in model.modules())  # stats released afterwards
+
+
+def test_constant_flip_share_is_not_tested():
+    # a layer whose mask never changes (flip share 0 every epoch) has no ranking to correlate
+    rng = np.random.default_rng(5)
+    history, runs = _decaying_runs(rng, 4, 12, {"l1": 0.0})
+    history.loc[history["metric"] == "sru/l1/flip_share", "value"] = 0.0
+    table = _coupling(history, runs)
+    assert table["n_runs"].tolist() == [0] and np.isnan(table["p_value"].iloc[0]) and np.isnan(table["rho"].iloc[0])
