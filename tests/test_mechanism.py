@@ -163,7 +163,7 @@ def test_coupling_lines_claim_only_significant_layers_and_never_rank(data):
     assert "no layer" in text and "smallest q = 0.8" in text
     assert not any(word in text for word in ("most", "least", "ranked"))
     one_run = data.flip_coupling.assign(p_value=np.nan, q_value=np.nan)
-    assert "not tested" in mechanism.coupling_lines(one_run)[0]
+    assert "not tested, no variant has 2 runs with at least 5 epoch pairs" in mechanism.coupling_lines(one_run)[0]
 
 
 def test_association_lines_claim_only_after_correction(data):
@@ -217,3 +217,11 @@ def test_variants_sharing_a_gate_mode_get_one_sentence(data):
     lines = mechanism.gate_mode_lines(data.__class__(**{**data.__dict__, "runs": runs}))
     assert len(lines) == 1 and lines[0].startswith("`binary`, `soft` use gate mode `binary`")  # variants in report order
     assert "`soft` median 0.05" in lines[0] and "`binary` median 0," in lines[0]
+
+
+def test_sensitivity_lines_say_when_too_few_runs_can_reach_alpha():
+    small = _data(seeds=3, variants=("none", "binary"))
+    sens = mechanism.sensitivity_table(small.runs.history, small.runs.runs, "none", small.runs.variants)
+    binary = next(line for line in mechanism.sensitivity_lines(sens, "none") if line.startswith("`binary`"))
+    assert "reads as the hard-gate" in binary and "not different at q <= 0.05 from `none`" in binary
+    assert "with 3 vs 3 runs the smallest attainable p is 0.1" in binary

@@ -178,8 +178,8 @@ def coupling_lines(coupling: pd.DataFrame, alpha: float = ALPHA) -> list[str]:
     method = ("per run, Spearman rho of the detrended flip share vs the detrended |delta val loss| per epoch; "
               "t-test of the runs' Fisher-z rhos; BH over every variant and layer")
     if tested.empty:
-        return [f"Flip coupling ({method}): not tested, fewer than 2 runs with enough epochs per variant; "
-                "per-layer rhos in flip_coupling.csv."]
+        return [f"Flip coupling ({method}): not tested, no variant has 2 runs with at least "
+                f"{gates.MIN_COUPLING_EPOCHS} epoch pairs in the window; per-layer values in flip_coupling.csv."]
     hits = tested[tested["q_value"] <= alpha]
     if hits.empty:
         best = tested.loc[tested["q_value"].idxmin()]
@@ -285,6 +285,7 @@ def sensitivity_lines(sens: pd.DataFrame, baseline: str, alpha: float = ALPHA) -
     if sens.empty:
         return []
     out = []
+    base_runs = sens.loc[sens["variant"] == baseline, "n_runs"]
     for variant in dict.fromkeys(sens["variant"]):
         mine = sens[sens["variant"] == variant]
         slope = mine[mine["metric"] == SENS_SLOPE_METRIC]
@@ -310,6 +311,12 @@ def sensitivity_lines(sens: pd.DataFrame, baseline: str, alpha: float = ALPHA) -
                          + f" (q <= {rows['q_value'].max():.2g})")
         if len(tested) and not (tested["q_value"] <= alpha).any():
             text += f"; output and loss sensitivity not different from `{baseline}` at q <= {alpha} at any eps"
+        if variant != baseline and len(base_runs):
+            n_var, n_base = int(mine["n_runs"].min()), int(base_runs.min())
+            floor = stats.p_floor(n_var, n_base)
+            if np.isfinite(floor) and floor > alpha:
+                text += (f" (with {n_var} vs {n_base} runs the smallest attainable p is {floor:.2g}, so no difference "
+                         f"can reach {alpha})")
         out.append(text + ".")
     out.append("Sensitivity tests are exploratory (their own BH family; permutation test against the baseline on "
                "log values of each run's median over epochs, raw values for the slope); all values in "
