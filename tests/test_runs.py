@@ -298,3 +298,25 @@ def test_gate_statistics_logged_as_metrics_are_not_read_twice(store, tmp_path):
     mine = h[(h["run_id"] == run.info.run_id) & (h["metric"] == "sru/layer1.0.conv2/flip_share")]
     assert len(mine) == 12 and 99.0 not in set(mine["value"])
 
+
+
+def test_a_trained_runs_per_layer_gates_and_sensitivities_come_back_from_its_artifacts(store):
+    """What ablate keeps out of the metrics by default (per-layer gate statistics, per-eps sensitivities) is in
+    the history load_runs gives analysis, under the names analysis.gates and the report read."""
+    from ablate.names import SENS_KINDS, GateKey, sens_metric
+    from ablate.train import run_training
+    from ablate.train.probes import SENS_EPS
+    from analysis.runs import load_runs, make_client
+
+    cfg = RunConfig.from_dict({"scconv.order": "sru_cru", "epochs": 2, "image_size": 16, "batch_size": 32,
+                               "max_steps_per_epoch": 2, "probe_size": 16, "experiment": "trained",
+                               "log_checkpoint": False})
+    result = run_training(cfg, tracking_uri=store, progress=False)
+    history = load_runs(make_client(store), "trained").history
+    names = set(history["metric"])
+    assert {sens_metric(kind, eps) for kind in SENS_KINDS for eps in SENS_EPS} <= names
+    keys = {GateKey.parse(n) for n in names} - {None}
+    assert {k.stat for k in keys if k.kind == "sru"} >= {"flip_share", "gamma_drift", "margin_share"}
+    assert GateKey("cru", "layer1.0.conv2", "beta_entropy") in keys
+    one = history[history["metric"] == "sru/layer1.0.conv2/flip_share"]
+    assert sorted(one["epoch"]) == [0, 1] and set(one["run_id"]) == {result.run_id}
