@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import gates
+from analysis import gates, trend
 
 VAL = [1.0, 0.8, 0.9, 0.6, 0.75, 0.5, 0.55]
 
@@ -74,10 +74,19 @@ def test_flip_points_pair_each_epochs_flip_share_with_its_val_loss_jump():
     assert run_a["epoch"].tolist() == list(range(1, len(VAL)))
     np.testing.assert_allclose(run_a["abs_d_val_loss"], np.abs(np.diff(VAL)))
     np.testing.assert_allclose(run_a["flip_share"], np.cumsum(np.abs(np.diff(VAL))))  # the level, not differenced
-    assert run_a["flip_resid"].notna().all() and run_a["dval_resid"].notna().all()
+    assert run_a["flip_resid"].isna().all()  # 6 pairs: too short to detrend without a shared misfit
     later = gates.flip_points(gates.gate_frame(history, runs), history, from_epoch=4)
     assert later["epoch"].min() == 4
-    assert later["flip_resid"].isna().all()  # 3 epochs: too short to detrend, so no residuals
+
+
+def test_flip_points_detrend_runs_with_enough_epochs():
+    history, runs = _decaying_runs(np.random.default_rng(2), 2, gates.MIN_COUPLING_EPOCHS + 1, {"l1": 0.0})
+    pts = gates.flip_points(gates.gate_frame(history, runs), history)
+    assert pts["flip_resid"].notna().all() and pts["dval_resid"].notna().all()
+    shorter = gates.flip_points(gates.gate_frame(history, runs), history, from_epoch=2)  # one pair fewer
+    assert shorter["flip_resid"].isna().all()
+    one = pts[pts["run_id"] == "v0"]
+    np.testing.assert_allclose(one["flip_resid"], trend.residual(one["flip_share"].to_numpy()))
 
 
 def _decaying_runs(rng, n_runs: int, epochs: int, coupling: dict[str, float], variant: str = "v"):
