@@ -17,9 +17,9 @@ docs/tracking.md, read from ``RunSet.history`` with ``ablate.names.GateKey``) an
   not linear in the epoch, both series keep the same misfit, and on uncoupled synthetic runs (5 runs,
   15 epochs, 400 draws) it gave a mean rho of +0.11 and 9 % false positives at the 5 % level, against
   +0.002 and 5.7 % (300 draws; 25 epochs: +0.007, 5.3 %) with the trend residuals (docs/report.md).
-  Per run, Spearman rho of the two
-  residual series; across runs (the run is the unit), a t-test of the per-run Fisher-z rhos; BH
-  (``scipy.stats.false_discovery_control``) over every variant and layer of the table.
+  A run needs :data:`MIN_COUPLING_EPOCHS` epoch pairs. Per run, Spearman rho of the two residual series;
+  across runs (the run is the unit), a t-test of the per-run Fisher-z rhos (:func:`run_level_pvalue`);
+  BH (``scipy.stats.false_discovery_control``) over every variant and layer of the table.
 - :func:`gate_association`: within one variant, across its runs, Spearman rho of a run's mean gate
   statistic with one of its fluctuation metrics, with the permutation p, BH q and the run count.
 
