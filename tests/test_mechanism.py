@@ -225,3 +225,17 @@ def test_sensitivity_lines_say_when_too_few_runs_can_reach_alpha():
     binary = next(line for line in mechanism.sensitivity_lines(sens, "none") if line.startswith("`binary`"))
     assert "reads as the hard-gate" in binary and "not different at q <= 0.05 from `none`" in binary
     assert "with 3 vs 3 runs the smallest attainable p is 0.1" in binary
+
+
+def test_runs_without_gates_or_sensitivities_have_no_mechanism_section():
+    history = pd.DataFrame([(r, e, "val_loss", 1.0 / (e + 1)) for r in ("a", "b") for e in range(12)],
+                           columns=["run_id", "epoch", "metric", "value"])
+    runs = pd.DataFrame({"variant": ["none", "none"], "seed": [0, 1]}, index=pd.Index(["a", "b"], name="run_id"))
+    rs = RunSet("plain", "0", runs, pd.DataFrame(index=runs.index), history, baseline="none")
+    gate_df = gates.gate_frame(history, runs)
+    points = gates.flip_points(gate_df, history)
+    data = ReportData(runs=rs, from_epoch=0, run_metrics=runs.reset_index(), comparisons=pd.DataFrame(),
+                      gates=gate_df, layer_stats=pd.DataFrame(), flip_points=points,
+                      flip_coupling=gates.flip_coupling(points), gate_association=pd.DataFrame(), churn=pd.DataFrame())
+    section = mechanism.mechanism_section(data)
+    assert section.lines == [] and section.tables == {} and section.figures == []
