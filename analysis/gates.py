@@ -53,6 +53,8 @@ MIN_PAIRS = 3
 #: Fewest epoch pairs a run needs for its coupling rho. Shorter series leave trend misfit shared by both
 #: residuals: on uncoupled synthetic runs the mean rho was +0.24 with 7 pairs, +0.055 with 9, +0.003 with 10.
 MIN_COUPLING_EPOCHS = 10
+#: Fewest runs for a coupling p-value: a t-test on 2 values (1 degree of freedom) rests wholly on their normality.
+MIN_COUPLING_RUNS = 3
 N_PERM = 9999
 RHO_CLIP = 0.999  # |rho| = 1 has an infinite Fisher z
 GATE_COLUMNS = ["run_id", "variant", "seed", "epoch", "kind", "layer", "stat", "value"]
@@ -145,7 +147,8 @@ def flip_coupling(points: pd.DataFrame) -> pd.DataFrame:
     """Per variant and layer: :data:`COUPLING_COLUMNS`, in variant and natural layer order (no ranking).
 
     ``rho``: mean over runs of the per-run Spearman rho of ``flip_resid`` vs ``dval_resid`` (the statistic the
-    test is about). ``p_value``: :func:`run_level_pvalue` of the per-run rhos (NaN with fewer than 2 runs);
+    test is about). ``p_value``: :func:`run_level_pvalue` of the per-run rhos (NaN with fewer than
+    :data:`MIN_COUPLING_RUNS` runs);
     ``q_value``: BH over every row with a p-value; ``n_runs``: runs with a finite rho.
     """
     rows = []
@@ -163,7 +166,8 @@ def flip_coupling(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_level_pvalue(rhos) -> float:
-    """Two-sided one-sample t-test that the runs' Fisher-z rhos are centred on 0; NaN for fewer than 2 runs.
+    """Two-sided one-sample t-test that the runs' Fisher-z rhos are centred on 0; NaN for fewer than
+    :data:`MIN_COUPLING_RUNS` runs.
 
     Not the exact sign-flip test (:func:`sign_flip_pvalue`): with 5 runs, the seeds a study has, its smallest
     two-sided p is 2/32 = 0.0625 (Wilcoxon's too), so no coupling could ever be found. The runs are
@@ -172,7 +176,7 @@ def run_level_pvalue(rhos) -> float:
     """
     r = np.asarray(rhos, dtype=float)
     r = r[np.isfinite(r)]
-    if r.size < 2:
+    if r.size < MIN_COUPLING_RUNS:
         return float("nan")
     z = np.arctanh(np.clip(r, -RHO_CLIP, RHO_CLIP))
     if np.ptp(z) == 0:  # no spread: the t statistic is undefined

@@ -159,8 +159,9 @@ def test_run_level_pvalue_is_a_t_test_of_fisher_z():
     assert gates.run_level_pvalue(rhos) < 0.001  # 5 runs can reach 0.05, unlike the sign-flip floor 2/32
     assert gates.sign_flip_pvalue(rhos) == pytest.approx(2 / 32)
     assert gates.run_level_pvalue([0.5, -0.5, 0.4, -0.4]) == pytest.approx(1.0)
-    assert np.isnan(gates.run_level_pvalue([0.9])) and np.isnan(gates.run_level_pvalue([0.3, 0.3, 0.3]))
-    assert np.isfinite(gates.run_level_pvalue([1.0, 0.99]))  # |rho| = 1 is clipped, not infinite
+    assert np.isnan(gates.run_level_pvalue([0.9, 0.8]))  # 2 runs: a t-test with 1 degree of freedom, not run
+    assert np.isnan(gates.run_level_pvalue([0.3, 0.3, 0.3]))  # no spread: t undefined
+    assert np.isfinite(gates.run_level_pvalue([1.0, 0.99, 0.98]))  # |rho| = 1 is clipped, not infinite
 
 
 def test_bh_qvalues_keep_nan():

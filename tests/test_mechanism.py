@@ -163,7 +163,7 @@ def test_coupling_lines_claim_only_significant_layers_and_never_rank(data):
     assert "no layer" in text and "smallest q = 0.8" in text
     assert not any(word in text for word in ("most", "least", "ranked"))
     one_run = data.flip_coupling.assign(p_value=np.nan, q_value=np.nan)
-    assert "not tested, no variant has 2 runs with at least 10 epoch pairs" in mechanism.coupling_lines(one_run)[0]
+    assert "not tested, no variant has 3 runs with at least 10 epoch pairs" in mechanism.coupling_lines(one_run)[0]
 
 
 def test_association_lines_claim_only_after_correction(data):

@@ -178,7 +178,7 @@ def coupling_lines(coupling: pd.DataFrame, alpha: float = ALPHA) -> list[str]:
     method = ("per run, Spearman rho of the detrended flip share vs the detrended |delta val loss| per epoch; "
               "t-test of the runs' Fisher-z rhos; BH over every variant and layer")
     if tested.empty:
-        return [f"Flip coupling ({method}): not tested, no variant has 2 runs with at least "
+        return [f"Flip coupling ({method}): not tested, no variant has {gates.MIN_COUPLING_RUNS} runs with at least "
                 f"{gates.MIN_COUPLING_EPOCHS} epoch pairs in the window; per-layer values in flip_coupling.csv."]
     hits = tested[tested["q_value"] <= alpha]
     if hits.empty:
