@@ -239,3 +239,14 @@ def test_runs_without_gates_or_sensitivities_have_no_mechanism_section():
                       flip_coupling=gates.flip_coupling(points), gate_association=pd.DataFrame(), churn=pd.DataFrame())
     section = mechanism.mechanism_section(data)
     assert section.lines == [] and section.tables == {} and section.figures == []
+
+
+def test_gate_heatmaps_cover_the_scale_free_statistics_with_a_note(data):
+    from analysis.report.gate_heatmap import get_gate_heatmap_info, get_gate_heatmap_plot
+
+    info = get_gate_heatmap_info(data, "sru", "perturb_flip_share")
+    assert info.variants == ["binary", "soft"] and info.layers == ["layer1.0.conv2", "layer2.0.conv2"]
+    assert info.z["soft"][0][0] == pytest.approx(0.001) and "scale-free" in info.note
+    assert "epoch 0: since the probe before training" in get_gate_heatmap_info(data, "sru", "flip_share").note
+    assert get_gate_heatmap_info(data, "sru", "near_threshold_share") is None  # logged, but not a report statistic
+    assert "scale-free" in get_gate_heatmap_plot(info).layout.title.text
