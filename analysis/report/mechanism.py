@@ -18,6 +18,7 @@ from ablate.names import SENS_KINDS, SENS_SLOPE_METRIC
 from ablate.ui.palette import variant_colors
 from analysis import gates, stats
 from analysis.report.data import ALPHA, PRIMARY, ReportData
+from analysis.report.flip_scatter import get_flip_scatter_info, get_flip_scatter_plot
 
 #: ``sens/slope`` at or below this reads as the hard-gate 1/sqrt(eps) signature (half way between a smooth
 #: network's 0 and a hard gate's -0.5; docs/scconv.md measures -0.43 to -0.57 for binary, about 0 otherwise).
@@ -37,7 +38,8 @@ GATE_MODE_TEXT = {
     "soft": ("W1 = R and W2 = 1 - R: the gate is smooth, gamma and beta get gradients and no mask bit jumps, so "
              "the output sensitivity is flat in eps (`sens/slope` near 0)"),
     "reference": ("positions with R > t get weight 1 and the others R: gamma and beta get gradients through the "
-                  "positions below t, and the weight jumps from R to 1 where R crosses t"),
+                  "positions below t, and W1 jumps from t to 1 (W2 from t to 0) where R crosses t: a "
+                  "discontinuity like the binary gate's, of size 1 - t instead of 1"),
 }
 
 
@@ -51,8 +53,6 @@ class MechanismSection(NamedTuple):
 
 def mechanism_section(data: ReportData) -> MechanismSection:
     """Sentences, CSV tables and figures of the "Mechanism evidence" part of the report."""
-    from analysis.report.flip_scatter import get_flip_scatter_info, get_flip_scatter_plot
-
     gate_summary = scale_free_summary(data.run_metrics)
     sens = sensitivity_table(data.runs.history, data.runs.runs, data.baseline, data.runs.variants, data.from_epoch)
     lines = [*gate_mode_lines(data), *gate_summary_lines(gate_summary), *coupling_lines(data.flip_coupling),
