@@ -118,19 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     table = operating_characteristics(args.ratios, args.draws, args.seeds, args.epochs)
     print(f"primary comparison (val_loss.resid_sd), {args.seeds} seeds per arm, {args.epochs} epochs, "
           f"{args.draws} draws per row ({time.perf_counter() - t0:.0f} s):")
-    print(table.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table.to_string(index=False))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print()
     print("time per comparison:")
     print(timing(args.seeds).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
