@@ -250,3 +250,16 @@ def test_gate_heatmaps_cover_the_scale_free_statistics_with_a_note(data):
     assert "epoch 0: since the probe before training" in get_gate_heatmap_info(data, "sru", "flip_share").note
     assert get_gate_heatmap_info(data, "sru", "near_threshold_share") is None  # logged, but not a report statistic
     assert "scale-free" in get_gate_heatmap_plot(info).layout.title.text
+
+
+def test_sensitivity_with_zeros_or_a_single_baseline_run():
+    rows = [(f"{v}{s}", e, sens_metric("loss", 1e-4), 0.0 if v == "none" else 0.01 * (s + 1))
+            for v in ("none", "binary") for s in range(3) for e in range(2)]
+    history = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "value"])
+    runs = pd.DataFrame({"variant": [r[0][:-1] for r in rows[::2]]}, index=pd.Index([r[0] for r in rows[::2]]))
+    sens = mechanism.sensitivity_table(history, runs, "none", ["none", "binary"]).set_index("variant")
+    # a zero baseline median has no ratio; the test runs on raw values since log(0) is undefined
+    assert np.isnan(sens.loc["binary", "vs_baseline"]) and sens.loc["binary", "p_value"] == pytest.approx(0.1)
+    one = mechanism.sensitivity_table(history[~history["run_id"].isin(["none1", "none2"])], runs, "none",
+                                      ["none", "binary"]).set_index("variant")
+    assert np.isnan(one.loc["binary", "p_value"]) and np.isnan(one.loc["binary", "q_value"])
