@@ -44,8 +44,10 @@ on either side is ignored (the step and the local lines would fit those points e
 
 Window (``window_start``): the report measures fluctuation after the warm-up transient, by one rule.
 Per run, the trend of the whole val_loss curve is fitted and the run's settle epoch is the first
-epoch e with ``|trend(e) - trend(last)| <= SETTLE_FRACTION * |trend(0) - trend(last)|`` (within a
-quarter of its total change of the final level; ``analysis.trend.settle_index``). All runs share one
+epoch e after the trend's peak with ``trend(e) - min(trend) <= SETTLE_FRACTION * (peak - min(trend))``
+(within a quarter of its initial fall of its lowest level; ``analysis.trend.settle_index``). The
+minimum, not the last value, is the reference: a val loss that falls and then rises as the network fits
+noisy labels (the demo's digits) has left its warm-up at the bottom of the fall. All runs share one
 window, starting at the *largest* settle epoch: a variant that learns more slowly must not have its
 transient counted while a faster one does not (that would read as a fluctuation effect), and the
 cost, a few epochs fewer for the fast runs, is the same for every arm. The start is capped so that
@@ -207,7 +209,7 @@ def run_metrics(history: pd.DataFrame, from_epoch: int = 0, breaks: Sequence[int
 
 
 def settle_epoch(history: pd.DataFrame, curve: str = "val_loss", breaks: Sequence[int] = ()) -> int | None:
-    """First epoch at which the curve's trend is within ``SETTLE_FRACTION`` of its final level (None: too short)."""
+    """First epoch at which the curve's trend is within ``SETTLE_FRACTION`` of its initial fall of its minimum (None: too short)."""
     logged = history[["epoch", curve]].dropna().sort_values("epoch", kind="stable").drop_duplicates("epoch", keep="last")
     if len(logged) < MIN_TREND_POINTS or not np.all(np.isfinite(logged[curve])):
         return None

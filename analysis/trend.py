@@ -138,13 +138,17 @@ def fitted(values: np.ndarray, span: int = TREND_SPAN, breaks: Sequence[int] = (
 
 
 def settle_index(values: np.ndarray, fraction: float, breaks: Sequence[int] = ()) -> int:
-    """First position where the trend is within ``fraction`` of its total change of its final level.
+    """Where a loss curve's initial fall has settled: the first position after the trend's peak that precedes its
+    minimum where ``trend - min <= fraction * (peak - min)``; 0 for a trend that never falls.
 
-    ``|trend_e - trend_last| <= fraction * |trend_0 - trend_last|``; 0 for a curve whose trend does not move.
+    The reference is the trend's minimum, not its last value: a validation loss that falls and then rises (a network
+    fitting noisy labels) has left its warm-up at the bottom of the fall, however far the later rise goes.
     """
     fit = fitted(values, breaks=breaks)
-    gap = np.abs(fit - fit[-1])
-    return int(np.argmax(gap <= fraction * gap[0]))
+    low = int(np.argmin(fit))
+    peak = int(np.argmax(fit[:low + 1]))
+    excess = fit[peak:low + 1] - fit[low]
+    return peak + int(np.argmax(excess <= fraction * excess[0]))
 
 
 def _fit(y: np.ndarray, span: int, breaks: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

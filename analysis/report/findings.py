@@ -203,7 +203,7 @@ def window_line(data: ReportData) -> str:
     capped = (f"; capped at epoch {data.from_epoch} to leave {fluctuation.MIN_WINDOW} epochs, so some runs' "
               "transient is inside the window" if known and data.from_epoch < max(known) else "")
     return (f"Window: epochs >= {data.from_epoch}, by the window rule: a run settles at the first epoch where the "
-            f"trend of its val_loss is within {fluctuation.SETTLE_FRACTION:g} of its total change of its final level; "
+            f"trend of its val_loss is within {fluctuation.SETTLE_FRACTION:g} of its initial fall of its lowest level; "
             f"the window starts at the latest settle epoch over all runs ({spread}{capped}), so no run's warm-up "
             f"counts as fluctuation. --from-epoch overrides it.")
 
