@@ -100,6 +100,10 @@ def test_five_seeds_give_a_supported_finding_with_q_and_ci(store):
     assert "fluctuates more than the baseline" in supported and "BH over the 2 primary comparisons" in supported
     rest = text[text.index("### Tested and not supported"):text.index("## What was compared")]
     assert "`sru` vs `none`" in rest and "no difference supported" in rest
+    # an unsupported effect still says what it rules out: the ends of its CI
+    sru = data.comparisons.set_index(["metric", "variant"]).loc[("val_loss.resid_sd", "sru")]
+    assert sru["ci_low"] < 1.0 < sru["ci_high"]
+    assert f"rules out more than x{sru['ci_high']:.3g} and less than x{sru['ci_low']:.3g}" in rest
     row = data.comparisons.set_index(["metric", "variant"]).loc[("val_loss.resid_sd", "sru_cru")]
     assert row["ci_low"] > 1.0 and row["q_value"] <= 0.05
     page = __import__("analysis.report", fromlist=["index_html"]).index_html(data)

@@ -156,9 +156,22 @@ def findings_sections(data: ReportData) -> list[tuple[str, list[str]]]:
 def _verdict(c) -> str:
     """The sentence's conclusion, from q (the primary family's BH) and the estimate's side of no change."""
     if not (np.isfinite(c.q_value) and c.q_value <= ALPHA):
-        return f"no difference supported at q <= {ALPHA}"
+        return f"no difference supported at q <= {ALPHA}{_bounds(c)}"
     more = c.estimate > (1.0 if c.statistic == stats.RATIO else 0.0)
     return f"it fluctuates {'more' if more else 'less'} than the baseline"
+
+
+def _bounds(c) -> str:
+    """What an unsupported comparison still rules out: the effects outside its 95% CI (empty without a CI).
+
+    A CI that holds 1 (or 0) but is narrow is a clear negative answer to "is the effect this large?"; the
+    sentence says where that line lies, e.g. "; the CI rules out more than x1.23 and less than x0.585".
+    """
+    if not (np.isfinite(c.ci_low) and np.isfinite(c.ci_high)):
+        return ""
+    if c.statistic == stats.RATIO:
+        return f"; the CI rules out more than x{_f(c.ci_high)} and less than x{_f(c.ci_low)}"
+    return f"; the CI rules out differences above {_f(c.ci_high)} and below {_f(c.ci_low)}"
 
 
 def churn_findings(data: ReportData) -> list[str]:
