@@ -14,7 +14,11 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   i.e. the compilation (inductor compiles the forward on the first call and the backward on the first
   backward); the median over rounds. Steady step times never include it.
 - ``macs``: multiply-accumulates of one image's forward (``ablate.profile.count_macs``).
-- ``time_ratio``, ``memory_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
+- ``saved_mb``: the activation memory of a step: what autograd keeps from the forward for the backward
+  (``ablate.profile.saved_activation_bytes``, once per storage, parameters left out), measured on one more
+  forward after the timed steps. Unlike the peak it leaves out the runtime, the model, the optimizer and,
+  when compiled on the CPU, the compiler's own resident state, which grows with the graph.
+- ``time_ratio``, ``memory_ratio``, ``saved_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
   invocation. ``macs_ratio`` is the floor a time ratio could reach if every MAC cost the same.
 """
 
@@ -123,6 +127,7 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
             "device": cfg.device,
             "step_seconds": statistics.median(t for r in results for t in r["step_times"]),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+            "saved_mb": max(r["saved_mb"] for r in results),
             "compile_seconds": statistics.median(_compile_seconds(r) for r in results) if cfg.compile else None,
             "macs": results[0]["macs"],
             "amp": cfg.amp,
@@ -136,6 +141,7 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
     for row in rows:
         row["time_ratio"] = row["step_seconds"] / base["step_seconds"]
         row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
+        row["saved_ratio"] = row["saved_mb"] / base["saved_mb"]
         row["macs_ratio"] = row["macs"] / base["macs"]
     return rows
 
@@ -172,7 +178,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
 
     from ablate.config import ModelConfig, SCConvConfig
     from ablate.models import build_model
-    from ablate.profile import count_macs
+    from ablate.profile import count_macs, saved_activation_bytes
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -213,8 +219,13 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
         step()
         memory.sync()
         times.append(time.perf_counter() - start)
-    return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": memory.read_mb(), "macs": macs,
-            "threads": torch.get_num_threads()}
+    peak = memory.read_mb()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        loss = torch.nn.functional.cross_entropy(step_model(x), y)
+    saved = saved_activation_bytes(loss, model.parameters()) / 2**20
+    return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": peak, "saved_mb": saved,
+            "macs": macs, "threads": torch.get_num_threads()}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -227,6 +238,7 @@ _COLUMNS = [
     ("step s", "step_seconds", lambda v: f"{v:.4f}"),
     ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
     ("MACs x", "macs_ratio", lambda v: f"{v:.3f}"), ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
+    ("saved MB", "saved_mb", lambda v: f"{v:.0f}"), ("saved x", "saved_ratio", lambda v: f"{v:.3f}"),
 ]
 _FIRST_NUMERIC = 8  # "compile s" on: right-aligned
 

@@ -37,6 +37,13 @@ SLOT_ATTR = "ablate_slot"  #: Optuna trial user attribute: which of a sampled st
 RESUME_ATTR = "resume_from_run"  #: Optuna trial user attribute: the dead attempt's run a retried trial continues
 SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings every trial shares
 
+#: Run params that name or place a run without changing what is trained: the report never groups runs by them,
+#: and the data ones among them are left out of a run's dataset digest.
+BOOKKEEPING_PARAMS = frozenset(
+    {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size",
+     "compile", "checkpoint_every_minutes", "num_threads", "decode", "system_metrics", "gate_metrics_per_layer"}
+)
+
 # -- artifacts of a training run ----------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.json"  #: the run's full RunConfig as JSON
 HISTORY_ARTIFACT = "history.csv"  #: one row per epoch, every logged metric

@@ -3,12 +3,14 @@
 MACs are the multiply-accumulates that ``torch.utils.flop_counter.FlopCounterMode`` counts
 (convolutions, linear layers and matrix products), i.e. its FLOPs divided by 2. Normalisation,
 activations, pooling, softmax and element-wise products (the SRU gate, the CRU fuse) are not
-counted, as in the MAC figures papers report.
+counted, as in the MAC figures papers report. ``saved_activation_bytes`` measures what a forward keeps for its
+backward (the benchmark's activation memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -104,3 +106,45 @@ def _format_row(row: dict, with_ratios: bool) -> list[str]:
 
 def _format_macs(macs: int) -> str:
     return f"{macs / 1e9:.3f}G" if macs >= 1e9 else f"{macs / 1e6:.2f}M"
+
+
+def saved_activation_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes that autograd keeps for the backward of ``output``: every tensor saved by a node of its graph,
+    counted once per storage (a view costs its whole storage, two views of one storage cost it once), less
+    the storages of ``exclude`` (the parameters, resident anyway).
+
+    The activation memory of a training step, apart from the runtime, the model and the optimizer: the
+    same measure in eager mode, for the custom autograd Functions (their ``saved_tensors``) and for a
+    ``torch.compile``d model (one node that saves what the compiler chose to keep).
+    """
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total, visited, stack = 0, set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for t in _saved_tensors(node):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return total
+
+
+def _saved_tensors(node) -> list[torch.Tensor]:
+    """The tensors one autograd node saved: ``saved_tensors`` of a custom Function, ``_saved_*`` of built-ins."""
+    values = []
+    try:
+        values.extend(getattr(node, "saved_tensors", ()) or ())
+    except RuntimeError:  # already freed by a backward
+        pass
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            try:
+                value = getattr(node, name)
+            except RuntimeError:
+                continue
+            values.extend(value if isinstance(value, (tuple, list)) else (value,))
+    return [v for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta"]

@@ -24,17 +24,14 @@ import pandas as pd
 
 from ablate.config import RunConfig
 from ablate.errors import ConfigError
-from ablate.names import GATE_STATS_ARTIFACT, HISTORY_ARTIFACT, ROLE_REPORT, ROLE_STUDY, ROLE_TAG, GateKey
+from ablate.names import (
+    BOOKKEEPING_PARAMS, GATE_STATS_ARTIFACT, HISTORY_ARTIFACT, ROLE_REPORT, ROLE_STUDY, ROLE_TAG, GateKey,
+)
 
 REQUIRED_METRICS = ("train_loss", "val_loss")
 SEED_PARAM = "seed"
 ORDER_PARAM = "scconv.order"
 BASELINE_ORDER = "none"
-#: Params that name or place a run without changing what is trained; never used to group runs.
-BOOKKEEPING_PARAMS = frozenset(
-    {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size",
-     "compile", "checkpoint_every_minutes", "num_threads", "decode", "system_metrics", "gate_metrics_per_layer"}
-)
 _MISSING = "<unset>"
 _PAGE = 1000
 

@@ -11,7 +11,7 @@ from ablate.cli import main
 from ablate.config import ConfigError
 
 ROW_KEYS = {"impl", "backbone", "batch_size", "image_size", "device", "step_seconds", "peak_memory_mb",
-            "time_ratio", "memory_ratio", "macs_ratio", "compiled", "compile_seconds"}
+            "time_ratio", "memory_ratio", "macs_ratio", "compiled", "compile_seconds", "saved_mb", "saved_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_rows_cover_every_impl_with_baseline_first(bench_rows):
     for row in bench_rows:
         assert ROW_KEYS <= row.keys()
         assert (row["backbone"], row["batch_size"], row["image_size"], row["device"]) == ("resnet20", 2, 32, "cpu")
-        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0
+        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0 and row["saved_mb"] > 0
         assert (row["steps"], row["repeats"], row["threads"]) == (2, 1, 1)
         assert row["compiled"] is False and row["compile_seconds"] is None
 
@@ -66,22 +66,24 @@ def test_ratios_are_against_the_baseline(bench_rows):
     for row in bench_rows:
         assert row["time_ratio"] == pytest.approx(row["step_seconds"] / base["step_seconds"])
         assert row["memory_ratio"] == pytest.approx(row["peak_memory_mb"] / base["peak_memory_mb"])
+        assert row["saved_ratio"] == pytest.approx(row["saved_mb"] / base["saved_mb"])
 
 
 def test_summary_pools_step_times_and_takes_the_largest_peak():
     cfg = BenchConfig(backbone="resnet20", device="cpu", impls=("baseline", "efficient"), compile=True).resolved()
     common = {"threads": 2, "warmup_times": [50.0, 3.0]}
     rounds = {
-        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "macs": 200, **common},
-                     {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "macs": 200, **common}],
-        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "macs": 130, **common},
-                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "macs": 130, **common}],
+        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "saved_mb": 40.0, "macs": 200, **common},
+                     {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "saved_mb": 40.0, "macs": 200, **common}],
+        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "saved_mb": 30.0, "macs": 130, **common},
+                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "saved_mb": 30.0, "macs": 130, **common}],
     }
     base, eff = summarise(cfg, rounds)
     assert (base["step_seconds"], base["peak_memory_mb"]) == (2.5, 120.0)  # median of 1, 2, 3, 9
     assert (eff["step_seconds"], eff["peak_memory_mb"]) == (1.0, 90.0)
     assert eff["time_ratio"] == pytest.approx(0.4) and eff["memory_ratio"] == pytest.approx(0.75)
     assert eff["macs_ratio"] == pytest.approx(0.65) and eff["compiled"] is True
+    assert (eff["saved_mb"], eff["saved_ratio"]) == (30.0, pytest.approx(0.75))
     # Warm-up beyond two steady steps per round: 53 - 2 * 2 and 53 - 2 * 5.5 for the baseline, median 45.5.
     assert base["compile_seconds"] == pytest.approx(45.5)
     assert eff["compile_seconds"] == pytest.approx((53 - 2 * 1.25 + 53 - 2 * 0.75) / 2)

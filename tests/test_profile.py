@@ -9,7 +9,8 @@ from torch import nn
 from ablate.cli import main
 from ablate.config import ConfigError, ModelConfig, SCConvConfig
 from ablate.models import build_model
-from ablate.profile import count_macs, count_params, format_table, profile_rows
+from ablate.nn import SCConv
+from ablate.profile import count_macs, count_params, format_table, profile_rows, saved_activation_bytes
 
 ROW_KEYS = {"backbone", "order", "preset", "placement", "params", "macs", "image_size", "num_classes"}
 
@@ -131,3 +132,27 @@ def test_cli_profile_errors_are_one_line_with_status_2(capsys, argv, needles):
     assert len(lines) == 1 and captured.out == ""
     for needle in needles:
         assert needle in lines[0]
+
+
+def test_saved_activation_bytes_counts_each_storage_once_and_leaves_out_parameters():
+    a = torch.randn(1000, requires_grad=True)
+    b = a.exp()  # saves its result: 4000 bytes
+    assert saved_activation_bytes(b.sum()) == 4000
+    # two views of b saved by the product: b's storage again, not counted twice
+    assert saved_activation_bytes((b[:500] * b[500:]).sum()) == 4000
+    w = nn.Parameter(torch.randn(1000))
+    x = torch.randn(1000, requires_grad=True)
+    assert saved_activation_bytes((w * x).sum(), exclude=[w]) == 4000  # x only
+    assert saved_activation_bytes((w * x).sum()) == 8000
+
+
+def test_saved_activation_bytes_of_scconv_follow_its_recompute():
+    """An efficient SCConv on a large input keeps only that input; the reference keeps several times it."""
+    x = torch.randn(16, 128, 14, 14, requires_grad=True)  # 1.6 MB: recomputed in backward
+    layers = {}
+    for impl in ("efficient", "reference"):
+        layers[impl] = SCConv(128, 32, config=SCConvConfig(order="sru_cru", impl=impl)).train()
+    eff = saved_activation_bytes(layers["efficient"](x).sum(), layers["efficient"].parameters())
+    ref = saved_activation_bytes(layers["reference"](x).sum(), layers["reference"].parameters())
+    assert eff == x.numel() * x.element_size()
+    assert ref > 2 * eff

@@ -161,17 +161,16 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 #: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
 _SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
-#: Data settings that do not change which images a run sees (left out of its dataset digest).
-_DATA_BOOKKEEPING = ("data_root", "download", "num_workers", "decode", "probe_size")
 
 
 def _log_dataset_inputs(run: track.TrackedRun, cfg: RunConfig, bundle) -> None:
     """The run's training and validation sets as MLflow dataset inputs (the UI's Dataset column)."""
     from dataclasses import asdict
 
+    from ablate.names import BOOKKEEPING_PARAMS
     from ablate.ui import config_digest, log_dataset_inputs
 
-    values = {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_BOOKKEEPING}
+    values = {k: v for k, v in asdict(cfg.data).items() if k not in BOOKKEEPING_PARAMS}
     log_dataset_inputs(run.client, run.run_id, cfg.data.dataset, config_digest(values), len(bundle.train),
                        len(bundle.val))
 
