@@ -142,11 +142,15 @@ def _gate_backward(x, z, g_a, g_b, gate_mode, threshold):
     dL/dx = W1 * g + W2 * swap(g) and dL/dR = x * (W1' * g + W2' * swap(g)).
     """
     (x_a, x_b), pairs = halves(x), ((g_a, g_b), (g_b, g_a))  # (g, swap(g)) per half
+    # Each result's halves are written straight into one tensor (``_joined``): no concatenation copy.
+    dtype = torch.promote_types(x.dtype, g_a.dtype)
     if gate_mode in ("binary", "ste"):
         h = _step(z, _logit(threshold), out=z if gate_mode == "binary" else None)
         # W1 * g + (1 - W1) * swap(g), as two exact products.
-        dx = torch.cat([torch.addcmul(gs, h_h, gs, value=-1).addcmul_(h_h, g)
-                        for (g, gs), h_h in zip(pairs, halves(h))], dim=1)
+        def hard(g, gs, h_h):
+            return lambda out: torch.addcmul(gs, h_h, gs, value=-1, out=out).addcmul_(h_h, g)
+
+        dx = _joined(x_a, dtype, *(hard(g, gs, h_h) for (g, gs), h_h in zip(pairs, halves(h))))
         if gate_mode == "binary":
             return dx, None
     r = z.sigmoid_()
@@ -154,19 +158,40 @@ def _gate_backward(x, z, g_a, g_b, gate_mode, threshold):
         # W1' = W2' = 1 - H, so dL/dR = x * (1 - H) * (g + swap(g)), and g + swap(g) is the same for both halves.
         h = _step(r, threshold)
         w1, w2 = torch.maximum(r, h), torch.addcmul(r, r, h, value=-1)
-        dx = torch.cat([(w1_h * g).addcmul_(w2_h, gs)
-                        for (g, gs), w1_h, w2_h in zip(pairs, halves(w1), halves(w2))], dim=1)
+        def weighted(g, gs, w1_h, w2_h):
+            return lambda out: torch.mul(w1_h, g, out=out).addcmul_(w2_h, gs)
+
+        dx = _joined(x_a, dtype, *(weighted(g, gs, w1_h, w2_h)
+                                   for (g, gs), w1_h, w2_h in zip(pairs, halves(w1), halves(w2))))
         p = g_a + g_b
-        dr = torch.cat([x_a * p, x_b * p], dim=1)
+        dr = _joined(x_a, dtype, lambda out: torch.mul(x_a, p, out=out), lambda out: torch.mul(x_b, p, out=out))
         dr.addcmul_(dr, h, value=-1)
     else:
         # soft and ste: W1' = 1, W2' = -1, so dL/dR = x * (g - swap(g)), whose halves are d and -d.
         d = g_a - g_b
         if gate_mode == "soft":  # W1 = R, W2 = 1 - R: dx = swap(g) + R * (g - swap(g))
             r_a, r_b = halves(r)
-            dx = torch.cat([torch.addcmul(g_b, r_a, d), torch.addcmul(g_a, r_b, d, value=-1)], dim=1)
-        dr = torch.cat([x_a * d, x_b * d.neg_()], dim=1)
+            dx = _joined(x_a, dtype, lambda out: torch.addcmul(g_b, r_a, d, out=out),
+                         lambda out: torch.addcmul(g_a, r_b, d, value=-1, out=out))
+        dr = _joined(x_a, dtype, lambda out: torch.mul(x_a, d, out=out), lambda out: torch.mul(x_b, d, out=out).neg_())
     return dx, torch.ops.aten.sigmoid_backward.grad_input(dr, r, grad_input=dr)
+
+
+def _joined(like: Tensor, dtype: torch.dtype, make_a, make_b) -> Tensor:
+    """cat([make_a(None), make_b(None)]) along channels; eager, each half is written into its slice of one
+    tensor (``make(out)``), which saves the concatenation's copy. ``like``: a half, for shape and layout.
+
+    Under ``torch.compile`` the concatenation stays: dynamo refuses ``out=`` views, and the compiler writes
+    the halves in place itself.
+    """
+    if torch.compiler.is_compiling():
+        return torch.cat([make_a(None), make_b(None)], dim=1)
+    n, c, h, w = like.shape
+    out = torch.empty((n, 2 * c, h, w), dtype=dtype, device=like.device, memory_format=memory_format(like))
+    out_a, out_b = halves(out)
+    make_a(out_a)
+    make_b(out_b)
+    return out
 
 
 def _group_norm_backward(x, dz, dx, mean, rstd, gamma_w, groups):
