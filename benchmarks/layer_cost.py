@@ -55,7 +55,7 @@ def _forward_ms(layer, x: torch.Tensor, reps: int) -> float:
 
 def _saved_mb(layer, x: torch.Tensor) -> float:
     out = layer(x.detach().requires_grad_(True))
-    return saved_activation_bytes(out, layer.parameters()) / 1e6
+    return saved_activation_bytes(out, layer.parameters()) / 2**20  # MiB, as `ablate bench`
 
 
 def measure(side: int, batch: int, reps: int, rounds: int) -> dict:
