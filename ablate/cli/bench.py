@@ -15,12 +15,14 @@ FORMATS = ("table", "json")
 def register(sub) -> None:
     """Add the ``bench`` command to the ``ablate`` parser."""
     p = sub.add_parser(
-        "bench", help="train-step time and peak memory: baseline vs reference vs efficient SCConv",
+        "bench", help="train-step time, peak memory and saved activations: baseline vs reference vs efficient SCConv",
         description="Time training steps (forward, backward, SGD) of the baseline (order none) and of SCConv "
                     "(order sru_cru) in its reference and efficient implementations, each in its own "
                     "subprocess, in interleaved rounds. Step time: median over timed steps; peak memory: the "
                     "CUDA allocator's peak, or on CPU the peak resident set during the timed steps (max over "
-                    "rounds); ratios against the baseline, with the MAC ratio beside them.")
+                    "rounds); saved activations: what autograd keeps from a forward for its backward "
+                    "(parameters and runtime left out, the same measure eager and compiled); ratios against "
+                    "the baseline, with the MAC ratio beside them.")
     p.add_argument("--backbone", required=True, help="resnet20, resnet56, resnet50, densenet121")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
