@@ -196,11 +196,13 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
     x = x.to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator).to(device)
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):  # amp: CUDA only
-            loss = torch.nn.functional.cross_entropy(step_model(x), y)
-        loss.backward()
+            return torch.nn.functional.cross_entropy(step_model(x), y)
+
+    def step() -> None:
+        forward().backward()
         optimizer.step()
 
     memory = PeakMemory(device)
@@ -220,10 +222,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
         memory.sync()
         times.append(time.perf_counter() - start)
     peak = memory.read_mb()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        loss = torch.nn.functional.cross_entropy(step_model(x), y)
-    saved = saved_activation_bytes(loss, model.parameters()) / 2**20
+    saved = saved_activation_bytes(forward(), model.parameters()) / 2**20
     return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": peak, "saved_mb": saved,
             "macs": macs, "threads": torch.get_num_threads()}
 

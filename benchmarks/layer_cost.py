@@ -30,27 +30,26 @@ STAGES = ((28, 6), (14, 12), (7, 24), (3, 16))
 NEVER, ALWAYS = 1 << 62, 0  # RECOMPUTE_MIN_BYTES values: keep everything, recompute everything
 
 
-def _train_ms(layer, x: torch.Tensor, reps: int) -> float:
-    """Median ms of forward + backward of ``layer`` on a fresh leaf copy of ``x``."""
+def _median_ms(call, reps: int) -> float:
+    """Median ms of ``call()`` over ``reps`` calls after 5 untimed ones (oneDNN primitives, the allocator)."""
     times = []
     for i in range(reps + 5):
-        leaf = x.detach().requires_grad_(True)
         start = time.perf_counter()
-        layer(leaf).sum().backward()
-        if i >= 5:  # the first calls set up oneDNN primitives and the allocator
+        call()
+        if i >= 5:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
+def _train_ms(layer, x: torch.Tensor, reps: int) -> float:
+    """Forward + backward of ``layer`` on a fresh leaf copy of ``x``."""
+    return _median_ms(lambda: layer(x.detach().requires_grad_(True)).sum().backward(), reps)
+
+
 def _forward_ms(layer, x: torch.Tensor, reps: int) -> float:
-    times = []
+    """Forward alone, without a graph (what a recompute runs once more)."""
     with torch.no_grad():
-        for i in range(reps + 5):
-            start = time.perf_counter()
-            layer(x)
-            if i >= 5:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        return _median_ms(lambda: layer(x), reps)
 
 
 def _saved_mb(layer, x: torch.Tensor) -> float:

@@ -219,7 +219,6 @@ def epoch_metrics(row: Mapping[str, float], gates: Mapping[GateKey, float], gate
     return metrics
 
 
-
 def _log_json(run: track.TrackedRun, payload: Any, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, name)
