@@ -18,6 +18,9 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   (``ablate.profile.saved_activation_bytes``, once per storage, parameters left out), measured on one more
   forward after the timed steps. Unlike the peak it leaves out the runtime, the model, the optimizer and,
   when compiled on the CPU, the compiler's own resident state, which grows with the graph.
+- ``recompute`` (the efficient implementation's ``scconv.recompute`` policy) and ``recomputed``: how many of
+  its SCConvs recompute their body in backward, per round (``auto`` plans in each round's process, from
+  measured cost, before its warm-up; compiled runs keep the ``size`` rule).
 - ``time_ratio``, ``memory_ratio``, ``saved_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
   invocation. ``macs_ratio`` is the floor a time ratio could reach if every MAC cost the same.
 """
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TextIO
 
 from ablate import table
+from ablate.config import RECOMPUTE_POLICIES
 from ablate.device import PeakMemory, resolve_device
 from ablate.errors import ConfigError, check, check_choice, is_int
 
@@ -67,6 +71,7 @@ class BenchConfig:
     threads: int | None = None  #: CPU threads per subprocess (None: torch's default)
     impls: tuple[str, ...] = tuple(IMPLS)  #: implementations to run; the baseline is always first
     num_classes: int = 1000  #: classifier outputs
+    recompute: str = "auto"  #: the efficient implementation's scconv.recompute policy
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "repeats", "num_classes"):
@@ -79,6 +84,7 @@ class BenchConfig:
         if self.threads is not None:
             check("threads", self.threads, is_int(self.threads) and self.threads >= 1, "an integer >= 1")
         check_choice("device", self.device, DEVICES)
+        check_choice("recompute", self.recompute, RECOMPUTE_POLICIES)
         for impl in self.impls:
             check_choice("impls", impl, tuple(IMPLS))
         check("impls", ",".join(self.impls), "baseline" in self.impls and len(set(self.impls)) == len(self.impls),
@@ -130,6 +136,8 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
             "saved_mb": max(r["saved_mb"] for r in results),
             "compile_seconds": statistics.median(_compile_seconds(r) for r in results) if cfg.compile else None,
             "macs": results[0]["macs"],
+            "recompute": cfg.recompute if impl == "efficient" else None,
+            "recomputed": _recomputed(results),
             "amp": cfg.amp,
             "compiled": cfg.compile,
             "channels_last": cfg.channels_last,
@@ -144,6 +152,13 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
         row["saved_ratio"] = row["saved_mb"] / base["saved_mb"]
         row["macs_ratio"] = row["macs"] / base["macs"]
     return rows
+
+
+def _recomputed(results: list[dict]) -> str | None:
+    """``recomputed/planned`` layers, each distinct count once in round order (a plan is made per round);
+    None where nothing was planned."""
+    counts = [r["recomputed"] for r in results if r.get("recomputed") is not None]
+    return ",".join(dict.fromkeys(counts)) or None
 
 
 def _compile_seconds(result: dict) -> float:
@@ -185,7 +200,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
     device = torch.device(cfg.device)
     order, impl_name = IMPLS[impl]
     model_cfg = ModelConfig(backbone=cfg.backbone, num_classes=cfg.num_classes,
-                            scconv=SCConvConfig(order=order, impl=impl_name))
+                            scconv=SCConvConfig(order=order, impl=impl_name, recompute=cfg.recompute))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(model_cfg, seed=0).to(device, memory_format=fmt).train()
     macs = count_macs(model, cfg.image_size)
@@ -204,6 +219,15 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
     def step() -> None:
         forward().backward()
         optimizer.step()
+
+    recomputed = None
+    if not cfg.compile:  # as training does: plan once, before the first step
+        from ablate.nn.recompute_plan import plan_recompute
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            plan = plan_recompute(model, x)
+        if plan is not None:
+            recomputed = f"{plan.recomputed}/{len(plan.layers)}"
 
     memory = PeakMemory(device)
     warmup_times = []
@@ -224,7 +248,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
     peak = memory.read_mb()
     saved = saved_activation_bytes(forward(), model.parameters()) / 2**20
     return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": peak, "saved_mb": saved,
-            "macs": macs, "threads": torch.get_num_threads()}
+            "macs": macs, "threads": torch.get_num_threads(), "recomputed": recomputed}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -238,6 +262,7 @@ _COLUMNS = [
     ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
     ("MACs x", "macs_ratio", lambda v: f"{v:.3f}"), ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
     ("saved MB", "saved_mb", lambda v: f"{v:.0f}"), ("saved x", "saved_ratio", lambda v: f"{v:.3f}"),
+    ("recompute", "recompute", lambda v: v or "-"), ("recomputed", "recomputed", lambda v: v or "-"),
 ]
 _FIRST_NUMERIC = 8  # "compile s" on: right-aligned
 

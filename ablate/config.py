@@ -24,6 +24,8 @@ GATE_MODES = ("binary", "reference", "soft", "ste")
 GAMMA_NORMS = ("sum", "abs")
 ATTENTIONS = ("pairwise", "global")
 IMPLS = ("reference", "efficient")
+#: When the efficient SCConv recomputes its body in backward instead of keeping its activations (docs/scconv.md).
+RECOMPUTE_POLICIES = ("auto", "size", "always", "never")
 PLACEMENTS = ("replace", "insert")
 
 #: SCConv presets; a preset fills only the fields the user left unset (None).
@@ -60,6 +62,9 @@ class SCConvConfig:
     group_kernel: int = 3  #: CRU kernel size k of the GWC (odd)
     attention: str | None = None  #: CRU fuse: pairwise (paper Eq. 3) or global (public code) (None: from preset)
     impl: str = "efficient"  #: implementation: efficient (default; same function, less memory) or reference (readable definition)
+    #: efficient only: which layers recompute in backward: auto (planned per layer from measured cost), size
+    #: (inputs >= 1 MiB), always or never. Never changes a number, only memory and time.
+    recompute: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("scconv.order", self.order, ORDERS)
@@ -71,6 +76,7 @@ class SCConvConfig:
         if self.attention is not None:
             check_choice("scconv.attention", self.attention, ATTENTIONS)
         check_choice("scconv.impl", self.impl, IMPLS)
+        check_choice("scconv.recompute", self.recompute, RECOMPUTE_POLICIES)
         check("scconv.gate_threshold", self.gate_threshold,
               is_number(self.gate_threshold) and 0.0 < self.gate_threshold < 1.0, "a number in (0, 1)")
         check("scconv.alpha", self.alpha, is_number(self.alpha) and 0.0 < self.alpha < 1.0, "a number in (0, 1)")

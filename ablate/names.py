@@ -41,7 +41,8 @@ SETTINGS_ATTR = "ablate_settings"  #: Optuna study user attribute: the settings 
 #: and the data ones among them are left out of a run's dataset digest.
 BOOKKEEPING_PARAMS = frozenset(
     {"run_name", "experiment", "data_root", "device", "num_workers", "download", "log_checkpoint", "probe_size",
-     "compile", "checkpoint_every_minutes", "num_threads", "decode", "system_metrics", "gate_metrics_per_layer"}
+     "compile", "checkpoint_every_minutes", "num_threads", "decode", "system_metrics", "gate_metrics_per_layer",
+     "scconv.recompute"}
 )
 
 # -- artifacts of a training run ----------------------------------------------------------------------------
@@ -51,6 +52,7 @@ GATE_STATS_ARTIFACT = "gate_stats.csv"  #: per-layer gate statistics per epoch, 
 GATE_STATS_COLUMNS = ("epoch", "kind", "layer", "stat", "value")  #: the columns of GATE_STATS_ARTIFACT, in order
 GATE_HEATMAP_ARTIFACT = "gate_heatmap.html"  #: per-run heatmaps of the per-layer gate statistics (mlflow.log_figure)
 PREDICTIONS_ARTIFACT = "val_predictions.npz"  #: per-example predictions and losses per epoch
+RECOMPUTE_PLAN_ARTIFACT = "recompute_plan.json"  #: which efficient SCConvs recompute in backward, and their measured cost
 CHECKPOINT_DIR = "checkpoint"  #: artifact folder of the checkpoint
 CHECKPOINT_NAME = "checkpoint.pt"  #: the checkpoint file inside CHECKPOINT_DIR
 

@@ -45,6 +45,9 @@ def test_rows_cover_every_impl_with_baseline_first(bench_rows):
         assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0 and row["saved_mb"] > 0
         assert (row["steps"], row["repeats"], row["threads"]) == (2, 1, 1)
         assert row["compiled"] is False and row["compile_seconds"] is None
+    planned = {row["impl"]: (row["recompute"], row["recomputed"]) for row in bench_rows}
+    assert planned["baseline"] == planned["reference"] == (None, None)
+    assert planned["efficient"][0] == "auto" and planned["efficient"][1].endswith("/9")  # resnet20's 9 SCConvs
 
 
 def test_macs_ratio_is_the_profiled_ratio(bench_rows):
@@ -75,8 +78,10 @@ def test_summary_pools_step_times_and_takes_the_largest_peak():
     rounds = {
         "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "saved_mb": 40.0, "macs": 200, **common},
                      {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "saved_mb": 40.0, "macs": 200, **common}],
-        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "saved_mb": 30.0, "macs": 130, **common},
-                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "saved_mb": 30.0, "macs": 130, **common}],
+        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "saved_mb": 30.0, "macs": 130,
+                       "recomputed": "5/9", **common},
+                      {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "saved_mb": 30.0, "macs": 130,
+                       "recomputed": "3/9", **common}],
     }
     base, eff = summarise(cfg, rounds)
     assert (base["step_seconds"], base["peak_memory_mb"]) == (2.5, 120.0)  # median of 1, 2, 3, 9
@@ -84,6 +89,8 @@ def test_summary_pools_step_times_and_takes_the_largest_peak():
     assert eff["time_ratio"] == pytest.approx(0.4) and eff["memory_ratio"] == pytest.approx(0.75)
     assert eff["macs_ratio"] == pytest.approx(0.65) and eff["compiled"] is True
     assert (eff["saved_mb"], eff["saved_ratio"]) == (30.0, pytest.approx(0.75))
+    assert (eff["recompute"], eff["recomputed"]) == ("auto", "5/9,3/9")  # each round plans its own
+    assert (base["recompute"], base["recomputed"]) == (None, None)
     # Warm-up beyond two steady steps per round: 53 - 2 * 2 and 53 - 2 * 5.5 for the baseline, median 45.5.
     assert base["compile_seconds"] == pytest.approx(45.5)
     assert eff["compile_seconds"] == pytest.approx((53 - 2 * 1.25 + 53 - 2 * 0.75) / 2)
@@ -108,6 +115,7 @@ def test_table_has_one_line_per_row(bench_rows):
     (["--image-size", "16"], "image_size=16"),
     (["--amp", "--device", "cpu"], "amp=True"),
     (["--compile", "--warmup", "0", "--device", "cpu"], "warmup=0"),
+    (["--recompute", "sometimes"], "recompute='sometimes'"),
 ])
 def test_bad_values_fail_in_one_line_with_status_2(argv, named, capsys):
     assert main(["bench", "--backbone", "resnet20", *argv]) == 2

@@ -59,7 +59,11 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
 
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "history.csv", "val_predictions.npz", "gate_stats.csv", "gate_heatmap.html",
-            "checkpoint"} <= names
+            "checkpoint", "recompute_plan.json"} <= names
+    plan = json.loads(open(client.download_artifacts(result.run_id, "recompute_plan.json", str(tmp_path))).read())
+    assert [row["name"] for row in plan["layers"]] == [f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)]
+    assert plan["layers"][0]["input_shape"] == [32, 16, 16, 16]  # the training batch
+    assert plan["recomputed"] == sum(row["recompute"] for row in plan["layers"])
     local = client.download_artifacts(result.run_id, "val_predictions.npz", str(tmp_path))
     preds = np.load(local)
     assert preds["pred"].shape == (2, 360) and preds["loss"].shape == (2, 360) and preds["target"].shape == (360,)
@@ -90,6 +94,17 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
     assert summary["summary.step_seconds"] > 0
     assert np.isnan(summary["summary.val_loss_resid_sd"])  # two epochs: too short for a trend
     assert [m.step for m in client.get_metric_history(result.run_id, "summary.best_val_acc")] == [1]
+
+
+def test_a_fixed_recompute_policy_plans_nothing_and_is_not_a_variant(tracking_uri):
+    result = run_training(_cfg(**{"scconv.recompute": "never", "epochs": 1}), tracking_uri=tracking_uri,
+                          progress=False)
+    client = MlflowClient(tracking_uri)
+    assert "recompute_plan.json" not in {a.path for a in client.list_artifacts(result.run_id)}
+    assert client.get_run(result.run_id).data.params["scconv.recompute"] == "never"
+    from ablate.names import BOOKKEEPING_PARAMS
+
+    assert "scconv.recompute" in BOOKKEEPING_PARAMS  # the report never splits a variant by it
 
 
 def test_gate_stats_artifact_is_rewritten_after_every_epoch(tracking_uri, tmp_path):
@@ -216,6 +231,7 @@ def test_cli_train_prints_summary(tracking_uri, capsys):
     (["--alpha", "1.5"], "scconv.alpha"),
     (["--order", "bogus"], "order"),
     (["--backbone", "resnet21"], "resnet20"),
+    (["--set", "scconv.recompute=sometimes"], "scconv.recompute"),
 ])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv, field):
     db = tmp_path / "store" / "mlflow.db"

@@ -8,6 +8,7 @@ import sys
 
 from ablate.bench import DEVICES, IMPLS, BenchConfig, BenchError, format_table, run_bench
 from ablate.cli.common import EXIT_FAILURE, choices_type
+from ablate.config import RECOMPUTE_POLICIES
 
 FORMATS = ("table", "json")
 
@@ -40,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--impls", type=_impls_type, default=tuple(IMPLS),
                    help="comma list of baseline, reference, efficient (default: all three)")
+    p.add_argument("--recompute", type=choices_type("recompute", RECOMPUTE_POLICIES), default="auto",
+                   help="the efficient SCConv's scconv.recompute: auto (default: each round plans which layers "
+                        "recompute in backward from measured cost), size (inputs >= 1 MiB), always or never")
     p.add_argument("--format", type=choices_type("format", FORMATS), default="table", help="table or json")
     p.set_defaults(func=cmd_bench)
 
@@ -58,7 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
                       device=args.device, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
                       amp=args.amp, compile=args.compile, channels_last=args.channels_last,
-                      threads=args.threads, impls=args.impls)
+                      threads=args.threads, impls=args.impls, recompute=args.recompute)
     try:
         rows = run_bench(cfg, progress=sys.stderr)
     except BenchError as e:

@@ -8,9 +8,10 @@ outputs and gradients (tests/test_efficient.py). What it changes, each measured 
 - ``EfficientCRU`` (efficient_cru.py): the attention fuse as one Function; Y2 is never concatenated.
 - ``sru_cru`` with ``alpha = 1/2``: the SRU's output halves are exactly the CRU's two inputs, so
   they are written as two tensors: no concatenation and no copies of split views for the convs.
-- Orders with a CRU, on large inputs, keep only the SCConv's input and rerun the body in backward
-  (the CRU costs about a fifth of the replaced conv's MACs). Without it an SCConv keeps several
-  times the activations of the conv it replaces.
+- Orders with a CRU can keep only the SCConv's input and rerun the body in backward (the CRU costs
+  about a fifth of the replaced conv's MACs). Without it an SCConv keeps several times the
+  activations of the conv it replaces. Which layers do is ``SCConvConfig.recompute``: by default
+  planned per layer from measured cost (``ablate.nn.recompute_plan``), else inputs >= 1 MiB.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ __all__ = [
     "EfficientCRU", "EfficientSRU", "FuseFunction", "RECOMPUTE_MIN_BYTES", "SRUFunction", "recompute", "sru_cru",
 ]
 
-#: Inputs at least this large (bytes, whole batch) are recomputed in backward rather than kept.
-#: Below it the saved tensors are small and the rerun's fixed per-operation cost dominates
-#: (measured on CPU: DenseNet-121's 7x7 and 3x3 layers at batch 16 run 1.5x faster without it).
+#: The ``size`` policy (and ``auto`` before a plan): inputs at least this large (bytes, whole batch) are
+#: recomputed in backward rather than kept. Below it the saved tensors are small and the rerun's fixed
+#: per-operation cost dominates (measured on CPU: DenseNet-121's 7x7 and 3x3 layers at batch 16 run 1.5x
+#: faster without it).
 RECOMPUTE_MIN_BYTES = 1 << 20
 
 
@@ -41,11 +43,15 @@ def sru_cru(sru, cru, x: Tensor) -> Tensor:
     return cru(sru(x))
 
 
-def recompute(body: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor]) -> Tensor:
-    """``body(x)``, keeping only ``x`` for backward when the input is large (``params``: the body's parameters)."""
+def recompute(body: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor], choice: bool | None = None) -> Tensor:
+    """``body(x)``, keeping only ``x`` for backward and rerunning the body there when ``choice`` is True (None:
+    when the input has at least RECOMPUTE_MIN_BYTES); ``params``: the body's parameters. The outputs and
+    gradients are the same bit for bit either way."""
     params = [p for p in params if p.requires_grad]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
-    if not needs_grad or x.numel() * x.element_size() < RECOMPUTE_MIN_BYTES:
+    if choice is None:
+        choice = x.numel() * x.element_size() >= RECOMPUTE_MIN_BYTES
+    if not needs_grad or not choice:
         return body(x)
     if torch.compiler.is_compiling():
         # The traceable form; the compiler then decides what of the body to recompute.

@@ -65,6 +65,9 @@ class SCConv(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.order = config.order
         self.config = config
+        #: Whether this layer recomputes its body in backward under ``recompute = "auto"``: set by
+        #: ``ablate.nn.recompute_plan.plan_recompute``; None until planned (the ``size`` rule meanwhile).
+        self.planned_recompute: bool | None = None
         # impl "efficient" computes the same function with the same submodules and state-dict keys.
         sru_type, cru_type = (efficient.EfficientSRU, efficient.EfficientCRU) if config.impl == "efficient" else (SRU, CRU)
         # Submodules are registered in the order the forward applies them, so that model order
@@ -88,9 +91,21 @@ class SCConv(nn.Module):
             return self.conv(x)
         if self.order == "sru":
             return self.conv(self.sru(x))
-        if self.config.impl == "efficient":  # on large inputs keeps only x and reruns the body in backward
-            return efficient.recompute(self.body, x, self.parameters())
+        if self.config.impl == "efficient":  # may keep only x and rerun the body in backward
+            return efficient.recompute(self.body, x, self.parameters(), self.recompute_choice())
         return self.body(x)
+
+    @property
+    def plannable(self) -> bool:
+        """Whether ``plan_recompute`` decides this layer: efficient, an order with a CRU, policy ``auto``."""
+        return self.config.impl == "efficient" and self.order not in CONV_ORDERS and self.config.recompute == "auto"
+
+    def recompute_choice(self) -> bool | None:
+        """True: recompute the body in backward; False: keep its activations; None: by input size."""
+        policy = self.config.recompute
+        if policy == "auto":
+            return self.planned_recompute
+        return {"always": True, "never": False}.get(policy)
 
     def body(self, x: Tensor) -> Tensor:
         """The orders with a CRU: pool to the output size, then compose the SRU and the CRU."""

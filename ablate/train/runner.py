@@ -27,8 +27,8 @@ from ablate.errors import CheckpointError
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
     GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
-    PREDICTIONS_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS, SUMMARY_METRICS, SUMMARY_PREFIX,
-    VARIANT_TAG, GateKey,
+    PREDICTIONS_ARTIFACT, RECOMPUTE_PLAN_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS,
+    SUMMARY_METRICS, SUMMARY_PREFIX, VARIANT_TAG, GateKey,
 )
 from ablate.train.checkpoint import (
     RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
@@ -287,6 +287,7 @@ class _Trainer:
                                          weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(t.milestones), gamma=t.lr_decay)
         probe_x, probe_y = probe_batch(bundle, cfg.data.probe_size)
+        self.image_shape = tuple(probe_x.shape[1:])
         self.probe = GateProbe(model, probe_x)
         self.sensitivity = SensitivityProbe(model, probe_x, probe_y)
         self.history: list[dict[str, float]] = []
@@ -400,6 +401,8 @@ class _Trainer:
         bar = tqdm(range(self.start_epoch, t.epochs), initial=self.start_epoch, total=t.epochs, unit="epoch",
                    desc=self.cfg.label(), disable=not self.progress, dynamic_ncols=True)
         self.feed.last_save = time.monotonic()
+        if self.start_epoch < t.epochs and not t.compile:
+            self.plan_recompute()
         for epoch in bar:
             # Reseeding the data order per epoch makes a resumed run see the same batches as an uninterrupted one.
             self.train_loader.generator.manual_seed(t.seed * 100_003 + epoch)
@@ -447,6 +450,25 @@ class _Trainer:
             bar.set_postfix(val_loss=f"{result.loss:.4f}", val_acc=f"{result.acc:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch, {**row, **metrics})
+
+    def plan_recompute(self) -> None:
+        """Choose, from measured cost, which efficient SCConvs recompute in backward (``scconv.recompute = auto``),
+        on an input of the training batch's shape; log the plan as an artifact. Eager only: a compiled model
+        keeps the ``size`` rule, which the compiler traces as a checkpoint."""
+        from ablate.nn.recompute_plan import plan_recompute
+        from ablate.train.loop import autocast
+
+        t = self.cfg.train
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        example = torch.randn((t.batch_size, *self.image_shape), generator=torch.Generator().manual_seed(0))
+        example = example.to(self.device).contiguous(memory_format=fmt)
+        with autocast(self.device, self.amp):
+            plan = plan_recompute(self.model, example)
+        if plan is None:
+            return
+        if self.progress:
+            print(f"ablate: recompute plan: {plan.summary()}", file=sys.stderr, flush=True)
+        _log_json(self.run, plan.to_dict(), RECOMPUTE_PLAN_ARTIFACT)
 
     def _compiled(self, epoch: int, seconds: float) -> None:
         """The first compiled step is done: say so and log its time as the compile time."""

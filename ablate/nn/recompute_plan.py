@@ -1,0 +1,220 @@
+"""Which efficient SCConvs recompute their body in backward, chosen from measured cost (``scconv.recompute = "auto"``).
+
+An efficient SCConv with a CRU either keeps its body's activations for the backward pass or keeps only
+its input and reruns the body there. Recomputing frees memory and costs time, and how much of each
+depends on the layer's size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB
+per ms of rerun and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than
+guesses, on a copy of the model and an input of the training batch's shape:
+
+- the whole forward + backward with every planned layer keeping: its time T and the bytes M that
+  autograd saves for it (``ablate.profile.saved_activation_bytes``);
+- forward + backward of each distinct layer (same configuration, channels, stride and input share one
+  measurement), keeping and recomputing: layer i frees dM_i bytes and adds dT_i ms when it recomputes.
+
+It then recomputes the layers that minimise the step's memory-time product (M - sum dM) * (T + sum dT):
+layers ordered by freed bytes per added ms, the best prefix of that order. Memory and time weigh alike in
+relative terms, whatever the units or the device: alone, a layer that frees a share m of the memory for a
+share t more time pays when (1 - m)(1 + t) < 1. A layer that frees memory without costing time always
+recomputes, one that frees nothing never does; equal layers go all or none (the product is concave in
+their number).
+
+Nothing of the model changes but ``SCConv.planned_recompute``: the copy takes the measurements, inside
+``torch.random.fork_rng``, so the model's weights, gradients, BatchNorm statistics and every random
+stream are as they were. Keeping and recomputing give the same outputs and gradients bit for bit, so a
+plan changes memory and time, never a result (tests/test_recompute_plan.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ablate.nn.convert import set_keep_stats
+from ablate.nn.scconv import SCConv
+from ablate.profile import saved_activation_bytes
+
+__all__ = ["LayerCost", "RecomputePlan", "choose_recompute", "plan_recompute"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One planned SCConv: its measured cost keeping and recomputing, and the choice."""
+
+    name: str  #: module path, e.g. ``features.denseblock1.denselayer1.conv2``
+    input_shape: tuple[int, ...]
+    keep_ms: float  #: forward + backward of the layer alone, keeping its activations
+    recompute_ms: float  #: the same, recomputing its body in backward
+    keep_bytes: int  #: activation bytes the layer saves for backward when keeping
+    recompute_bytes: int  #: the same when recomputing (its input)
+    recompute: bool  #: the plan's choice
+
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    """The plan of one model: the whole step measured with every planned layer keeping, and each layer."""
+
+    step_ms: float
+    step_bytes: int
+    layers: tuple[LayerCost, ...]
+    seconds: float  #: what planning took
+
+    @property
+    def recomputed(self) -> int:
+        return sum(layer.recompute for layer in self.layers)
+
+    @property
+    def freed_bytes(self) -> int:
+        """Saved-activation bytes the chosen recomputes free, from the per-layer measurements."""
+        return sum(layer.keep_bytes - layer.recompute_bytes for layer in self.layers if layer.recompute)
+
+    @property
+    def added_ms(self) -> float:
+        """Milliseconds per step the chosen recomputes add, from the per-layer measurements."""
+        return sum(layer.recompute_ms - layer.keep_ms for layer in self.layers if layer.recompute)
+
+    def summary(self) -> str:
+        """One line, e.g. ``18 of 58 SCConvs recompute in backward: -96 MiB of 606 MiB saved, +72 ms of 830 ms``."""
+        return (f"{self.recomputed} of {len(self.layers)} SCConvs recompute in backward: "
+                f"-{self.freed_bytes / 2**20:.0f} MiB of {self.step_bytes / 2**20:.0f} MiB saved activations, "
+                f"{self.added_ms:+.0f} ms of a {self.step_ms:.0f} ms forward + backward "
+                f"(planned in {self.seconds:.1f} s)")
+
+    def to_dict(self) -> dict:
+        return {"step_ms": self.step_ms, "step_bytes": self.step_bytes, "seconds": self.seconds,
+                "recomputed": self.recomputed, "freed_bytes": self.freed_bytes, "added_ms": self.added_ms,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def choose_recompute(step_ms: float, step_bytes: float, layers: Sequence[tuple[float, float]]) -> list[bool]:
+    """Which layers recompute, given the step's time and saved bytes with every layer keeping and each
+    layer's (freed bytes, added ms) when it recomputes: the set that minimises the memory-time product.
+
+    Layers that free memory at no added time always recompute; layers that free nothing never do; the rest
+    are taken in order of freed bytes per added ms (ties in model order) up to the prefix with the
+    smallest product (ties: the shorter prefix).
+    """
+    chosen = [False] * len(layers)
+    memory, ms = float(step_bytes), float(step_ms)
+    costly = []
+    for i, (freed, added) in enumerate(layers):
+        if freed <= 0:
+            continue
+        if added <= 0:
+            chosen[i] = True
+            memory, ms = memory - freed, ms + added
+        else:
+            costly.append(i)
+    costly.sort(key=lambda i: -layers[i][0] / layers[i][1])
+    # Per-layer measurements may claim more than the whole step saves: never let the memory reach zero.
+    floor = 1e-9 * max(float(step_bytes), 1.0)
+    best, best_k = max(memory, floor) * ms, 0
+    for k, i in enumerate(costly, 1):
+        memory, ms = memory - layers[i][0], ms + layers[i][1]
+        product = max(memory, floor) * ms
+        if product < best:
+            best, best_k = product, k
+    for i in costly[:best_k]:
+        chosen[i] = True
+    return chosen
+
+
+def plan_recompute(model: nn.Module, example: Tensor, *, reps: int = 2, layer_reps: int = 7) -> RecomputePlan | None:
+    """Measure and set ``planned_recompute`` on every plannable SCConv of ``model`` (``SCConv.plannable``);
+    None when there is none or nothing trains.
+
+    ``example``: an input batch of the training shape, device and layout; call it under the autocast the
+    training uses. ``reps``: timed whole steps after one warm-up step; ``layer_reps``: timed calls per layer
+    and choice after one warm-up call (the median is taken). The model's state is left as it was.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, SCConv) and m.plannable]
+    if not names or not any(p.requires_grad for p in model.parameters()):
+        return None
+    start = time.perf_counter()
+    devices = [example.device.index or 0] if example.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        step_ms, step_bytes, inputs, costs = _measure(model, example, names, reps, layer_reps)
+    choices = choose_recompute(step_ms, step_bytes, [(k_b - r_b, r_ms - k_ms) for k_ms, r_ms, k_b, r_b in costs])
+    layers = tuple(LayerCost(name, tuple(inputs[name][0]), *cost, choice)
+                   for name, cost, choice in zip(names, costs, choices))
+    modules = dict(model.named_modules())
+    for layer in layers:
+        modules[layer.name].planned_recompute = layer.recompute
+    return RecomputePlan(step_ms, step_bytes, layers, time.perf_counter() - start)
+
+
+def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, layer_reps: int):
+    """(step ms, step bytes, input spec per layer name, (keep ms, recompute ms, keep bytes, recompute bytes)
+    per name), all on a copy of ``model``."""
+    twin = copy.deepcopy(model).train()
+    set_keep_stats(twin, False)
+    layers = {name: twin.get_submodule(name) for name in names}
+    for layer in layers.values():
+        layer.planned_recompute = False
+    inputs: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(_, args) -> None:  # a pre-hook that returns something replaces the input
+            inputs.setdefault(name, _spec(args[0]))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    try:
+        step = lambda: twin(example).float().sum().backward()  # noqa: E731
+        step_ms = _median_ms(step, reps, warmup=1, device=example.device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = twin(example)
+    step_bytes = saved_activation_bytes(out, twin.parameters())
+    del out
+    twin.zero_grad(set_to_none=True)
+    measured: dict[tuple, tuple[float, float, int, int]] = {}
+    costs = []
+    for name in names:
+        layer, spec = layers[name], inputs[name]
+        key = (layer.config, layer.in_channels, layer.out_channels, layer.stride, spec)
+        if key not in measured:
+            measured[key] = _layer_cost(layer, spec, layer_reps)
+        costs.append(measured[key])
+    return step_ms, step_bytes, inputs, costs
+
+
+def _spec(x: Tensor) -> tuple:
+    return tuple(x.shape), tuple(x.stride()), x.dtype, x.device
+
+
+def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> tuple[float, float, int, int]:
+    shape, stride, dtype, device = spec
+    x = torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+    times, saved = {}, {}
+    for choice in (False, True):
+        layer.planned_recompute = choice
+        times[choice] = _median_ms(lambda: layer(x.detach().requires_grad_(True)).float().sum().backward(),
+                                   reps, warmup=1, device=device)
+        out = layer(x.detach().requires_grad_(True))
+        saved[choice] = saved_activation_bytes(out, layer.parameters())
+        del out
+    layer.planned_recompute = False
+    layer.zero_grad(set_to_none=True)
+    return times[False], times[True], saved[False], saved[True]
+
+
+def _median_ms(call: Callable[[], None], reps: int, warmup: int, device: torch.device) -> float:
+    """Median wall ms of ``call`` over ``reps`` calls after ``warmup`` untimed ones (the device's work included)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        call()
+    sync()
+    times = []
+    for _ in range(max(reps, 1)):
+        begin = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return 1e3 * statistics.median(times)
