@@ -18,9 +18,10 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   (``ablate.profile.saved_activation_bytes``, once per storage, parameters left out), measured on one more
   forward after the timed steps. Unlike the peak it leaves out the runtime, the model, the optimizer and,
   when compiled on the CPU, the compiler's own resident state, which grows with the graph.
-- ``recompute`` (the efficient implementation's ``scconv.recompute`` policy) and ``recomputed``: how many of
-  its SCConvs recompute their body in backward, per round (``auto`` plans in each round's process, from
-  measured cost, before its warm-up; compiled runs keep the ``size`` rule).
+- ``recompute`` (the efficient implementation's ``scconv.recompute`` policy; with several policies, one
+  efficient row each, in the same interleaved rounds) and ``recomputed``: how many of its SCConvs recompute
+  their body in backward, per round (``auto`` plans in each round's process, from measured cost, before its
+  warm-up; compiled runs keep the ``size`` rule).
 - ``time_ratio``, ``memory_ratio``, ``saved_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
   invocation. ``macs_ratio`` is the floor a time ratio could reach if every MAC cost the same.
 """
@@ -71,7 +72,7 @@ class BenchConfig:
     threads: int | None = None  #: CPU threads per subprocess (None: torch's default)
     impls: tuple[str, ...] = tuple(IMPLS)  #: implementations to run; the baseline is always first
     num_classes: int = 1000  #: classifier outputs
-    recompute: str = "auto"  #: the efficient implementation's scconv.recompute policy
+    recompute: tuple[str, ...] = ("auto",)  #: the efficient implementation's scconv.recompute policies, a row each
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "repeats", "num_classes"):
@@ -84,7 +85,10 @@ class BenchConfig:
         if self.threads is not None:
             check("threads", self.threads, is_int(self.threads) and self.threads >= 1, "an integer >= 1")
         check_choice("device", self.device, DEVICES)
-        check_choice("recompute", self.recompute, RECOMPUTE_POLICIES)
+        for policy in self.recompute:
+            check_choice("recompute", policy, RECOMPUTE_POLICIES)
+        check("recompute", ",".join(self.recompute), len(self.recompute) >= 1 and len(set(self.recompute)) == len(
+            self.recompute), f"distinct policies among {', '.join(RECOMPUTE_POLICIES)}, e.g. auto,never")
         for impl in self.impls:
             check_choice("impls", impl, tuple(IMPLS))
         check("impls", ",".join(self.impls), "baseline" in self.impls and len(set(self.impls)) == len(self.impls),
@@ -110,21 +114,24 @@ def run_bench(cfg: BenchConfig, progress: TextIO | None = None) -> list[dict]:
     from ablate.models import list_models
 
     check_choice("backbone", cfg.backbone, tuple(list_models()))
-    rounds: dict[str, list[dict]] = {impl: [] for impl in cfg.impls}
+    runs = [(impl, policy) for impl in cfg.impls
+            for policy in (cfg.recompute if impl == "efficient" else (None,))]
+    rounds: dict[tuple[str, str | None], list[dict]] = {run: [] for run in runs}
     for i in range(cfg.repeats):
-        for impl in cfg.impls:
+        for impl, policy in runs:
             if progress is not None:
                 note = ": compiling first (minutes on a CPU)" if cfg.compile else ""
-                print(f"bench: {cfg.backbone} {impl}, round {i + 1} of {cfg.repeats}{note}", file=progress, flush=True)
-            rounds[impl].append(_run_worker(cfg, impl))
+                name = impl if policy is None or len(cfg.recompute) == 1 else f"{impl} (recompute {policy})"
+                print(f"bench: {cfg.backbone} {name}, round {i + 1} of {cfg.repeats}{note}", file=progress, flush=True)
+            rounds[impl, policy].append(_run_worker(cfg, impl, policy))
     return summarise(cfg, rounds)
 
 
-def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
-    """Rows from each implementation's rounds (``step_times``, ``warmup_times``, ``peak_memory_mb`` and
-    ``macs`` per round)."""
+def summarise(cfg: BenchConfig, rounds: dict[tuple[str, str | None], list[dict]]) -> list[dict]:
+    """Rows from the rounds of each (implementation, recompute policy or None) (``step_times``,
+    ``warmup_times``, ``peak_memory_mb`` and ``macs`` per round)."""
     rows = []
-    for impl, results in rounds.items():
+    for (impl, policy), results in rounds.items():
         rows.append({
             "impl": impl,
             "backbone": cfg.backbone,
@@ -136,7 +143,7 @@ def summarise(cfg: BenchConfig, rounds: dict[str, list[dict]]) -> list[dict]:
             "saved_mb": max(r["saved_mb"] for r in results),
             "compile_seconds": statistics.median(_compile_seconds(r) for r in results) if cfg.compile else None,
             "macs": results[0]["macs"],
-            "recompute": cfg.recompute if impl == "efficient" else None,
+            "recompute": policy,
             "recomputed": _recomputed(results),
             "amp": cfg.amp,
             "compiled": cfg.compile,
@@ -167,14 +174,14 @@ def _compile_seconds(result: dict) -> float:
     return max(0.0, sum(result["warmup_times"]) - steady * len(result["warmup_times"]))
 
 
-def _run_worker(cfg: BenchConfig, impl: str) -> dict:
+def _run_worker(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
     """One round of one implementation in a fresh interpreter; its result is the last line it prints."""
     import ablate
 
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(ablate.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    spec = json.dumps({"config": asdict(cfg), "impl": impl})
+    spec = json.dumps({"config": asdict(cfg), "impl": impl, "recompute": policy})
     proc = subprocess.run([sys.executable, "-m", "ablate.bench", "--worker", spec], env=env,
                           capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -187,8 +194,9 @@ def _run_worker(cfg: BenchConfig, impl: str) -> dict:
 # -- the worker: one implementation, one round -----------------------------------------------------
 
 
-def measure(cfg: BenchConfig, impl: str) -> dict:
-    """Build the model for ``impl``, warm up, then time ``cfg.steps`` train steps and take their peak memory."""
+def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
+    """Build the model for ``impl`` (the efficient one with recompute ``policy``, default auto), warm up, then
+    time ``cfg.steps`` train steps and take their peak memory."""
     import torch
 
     from ablate.config import ModelConfig, SCConvConfig
@@ -200,7 +208,7 @@ def measure(cfg: BenchConfig, impl: str) -> dict:
     device = torch.device(cfg.device)
     order, impl_name = IMPLS[impl]
     model_cfg = ModelConfig(backbone=cfg.backbone, num_classes=cfg.num_classes,
-                            scconv=SCConvConfig(order=order, impl=impl_name, recompute=cfg.recompute))
+                            scconv=SCConvConfig(order=order, impl=impl_name, recompute=policy or "auto"))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(model_cfg, seed=0).to(device, memory_format=fmt).train()
     macs = count_macs(model, cfg.image_size)
@@ -279,8 +287,8 @@ def format_table(rows: list[dict]) -> str:
 
 def _worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
-    fields = dict(spec["config"], impls=tuple(spec["config"]["impls"]))
-    print(json.dumps(measure(BenchConfig(**fields), spec["impl"])))
+    fields = dict(spec["config"], impls=tuple(spec["config"]["impls"]), recompute=tuple(spec["config"]["recompute"]))
+    print(json.dumps(measure(BenchConfig(**fields), spec["impl"], spec["recompute"])))
     return 0
 
 

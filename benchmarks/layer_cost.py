@@ -4,8 +4,10 @@ For each stage of DenseNet-121 at 112x112 (28, 14, 7 and 3 pixels; SCConv 128 ->
 times forward + backward of: the conv, the efficient SCConv keeping its activations ("keep"), the same
 recomputing its body in backward ("recompute"), and the SCConv's forward alone without a graph (what
 a recompute runs once more). It also gives the activation memory each keeps
-(``ablate.profile.saved_activation_bytes``) and what the shipped policy
-(``ablate.nn.efficient.RECOMPUTE_MIN_BYTES``) adds to a training step over the conv at that stage.
+(``ablate.profile.saved_activation_bytes``) and what the ``size`` rule (``scconv.recompute = "size"``:
+inputs >= ``ablate.nn.efficient.RECOMPUTE_MIN_BYTES``) adds to a training step over the conv at that stage.
+The default, ``auto``, plans from the same kind of measurements plus the whole step's
+(``ablate.nn.recompute_plan``); ``ablate bench`` reports what it chose.
 
     python benchmarks/layer_cost.py [--threads 2] [--reps 60] [--rounds 2] [--batch-size 16]
 
@@ -20,14 +22,13 @@ import time
 
 import torch
 
-import ablate.nn.efficient as efficient
 from ablate.config import SCConvConfig
 from ablate.nn import SCConv
+from ablate.nn.efficient import RECOMPUTE_MIN_BYTES
 from ablate.profile import saved_activation_bytes
 
 #: DenseNet-121 at 112x112: (side of the dense block's maps, dense layers in the block).
 STAGES = ((28, 6), (14, 12), (7, 24), (3, 16))
-NEVER, ALWAYS = 1 << 62, 0  # RECOMPUTE_MIN_BYTES values: keep everything, recompute everything
 
 
 def _median_ms(call, reps: int) -> float:
@@ -63,27 +64,23 @@ def measure(side: int, batch: int, reps: int, rounds: int) -> dict:
     x = torch.randn(batch, 128, side, side)
     conv = torch.nn.Conv2d(128, 32, 3, padding=1, bias=False)
     layer = SCConv(128, 32, config=SCConvConfig(order="sru_cru", impl="efficient")).train()
-    shipped = efficient.RECOMPUTE_MIN_BYTES
     runs: dict[str, list[float]] = {}
-    try:
-        for _ in range(rounds):
-            runs.setdefault("conv", []).append(_train_ms(conv, x, reps))
-            efficient.RECOMPUTE_MIN_BYTES = NEVER
-            runs.setdefault("keep", []).append(_train_ms(layer, x, reps))
-            efficient.RECOMPUTE_MIN_BYTES = ALWAYS
-            runs.setdefault("recompute", []).append(_train_ms(layer, x, reps))
-            runs.setdefault("forward", []).append(_forward_ms(layer, x, reps))
-        efficient.RECOMPUTE_MIN_BYTES = NEVER
-        saved_keep = _saved_mb(layer, x)
-        efficient.RECOMPUTE_MIN_BYTES = ALWAYS
-        saved_recompute = _saved_mb(layer, x)
-    finally:
-        efficient.RECOMPUTE_MIN_BYTES = shipped
+    for _ in range(rounds):
+        runs.setdefault("conv", []).append(_train_ms(conv, x, reps))
+        layer.planned_recompute = False
+        runs.setdefault("keep", []).append(_train_ms(layer, x, reps))
+        layer.planned_recompute = True
+        runs.setdefault("recompute", []).append(_train_ms(layer, x, reps))
+        runs.setdefault("forward", []).append(_forward_ms(layer, x, reps))
+    layer.planned_recompute = False
+    saved_keep = _saved_mb(layer, x)
+    layer.planned_recompute = True
+    saved_recompute = _saved_mb(layer, x)
     row = {k: min(v) for k, v in runs.items()}
-    recomputed = x.numel() * x.element_size() >= shipped
+    recomputed = x.numel() * x.element_size() >= RECOMPUTE_MIN_BYTES
     row.update(side=side, saved_keep_mb=saved_keep, saved_recompute_mb=saved_recompute,
-               shipped="recompute" if recomputed else "keep")
-    row["shipped_over_conv_ms"] = row["recompute" if recomputed else "keep"] - row["conv"]
+               size_rule="recompute" if recomputed else "keep")
+    row["size_over_conv_ms"] = row["recompute" if recomputed else "keep"] - row["conv"]
     return row
 
 
@@ -99,15 +96,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"SCConv 128 -> 32 vs 3x3 conv, batch {args.batch_size}, {args.threads} threads; ms per forward + backward")
     print(f"{'stage':>7} {'layers':>6} {'conv':>7} {'keep':>7} {'recomp':>7} {'fwd':>7} "
-          f"{'MB keep':>8} {'MB recomp':>9} {'shipped':>9} {'step +ms':>8}")
+          f"{'MB keep':>8} {'MB recomp':>9} {'size rule':>9} {'step +ms':>8}")
     total = 0.0
     for side, layers in STAGES:
         r = measure(side, args.batch_size, args.reps, args.rounds)
-        total += layers * r["shipped_over_conv_ms"]
+        total += layers * r["size_over_conv_ms"]
         print(f"{side:>4}x{side:<2} {layers:>6} {r['conv']:>7.2f} {r['keep']:>7.2f} {r['recompute']:>7.2f} "
-              f"{r['forward']:>7.2f} {r['saved_keep_mb']:>8.2f} {r['saved_recompute_mb']:>9.2f} {r['shipped']:>9} "
-              f"{layers * r['shipped_over_conv_ms']:>+8.0f}", flush=True)
-    print(f"all SCConvs of DenseNet-121 as shipped: {total:+.0f} ms per training step over the convs they replace")
+              f"{r['forward']:>7.2f} {r['saved_keep_mb']:>8.2f} {r['saved_recompute_mb']:>9.2f} {r['size_rule']:>9} "
+              f"{layers * r['size_over_conv_ms']:>+8.0f}", flush=True)
+    print(f"all SCConvs of DenseNet-121 under the size rule: {total:+.0f} ms per training step over the convs "
+          "they replace")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ def test_summary_pools_step_times_and_takes_the_largest_peak():
     cfg = BenchConfig(backbone="resnet20", device="cpu", impls=("baseline", "efficient"), compile=True).resolved()
     common = {"threads": 2, "warmup_times": [50.0, 3.0]}
     rounds = {
-        "baseline": [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "saved_mb": 40.0, "macs": 200, **common},
+        ("baseline", None): [{"step_times": [1.0, 3.0], "peak_memory_mb": 100.0, "saved_mb": 40.0, "macs": 200, **common},
                      {"step_times": [2.0, 9.0], "peak_memory_mb": 120.0, "saved_mb": 40.0, "macs": 200, **common}],
-        "efficient": [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "saved_mb": 30.0, "macs": 130,
+        ("efficient", "auto"): [{"step_times": [1.0, 1.5], "peak_memory_mb": 90.0, "saved_mb": 30.0, "macs": 130,
                        "recomputed": "5/9", **common},
                       {"step_times": [0.5, 1.0], "peak_memory_mb": 60.0, "saved_mb": 30.0, "macs": 130,
                        "recomputed": "3/9", **common}],
@@ -94,6 +94,21 @@ def test_summary_pools_step_times_and_takes_the_largest_peak():
     # Warm-up beyond two steady steps per round: 53 - 2 * 2 and 53 - 2 * 5.5 for the baseline, median 45.5.
     assert base["compile_seconds"] == pytest.approx(45.5)
     assert eff["compile_seconds"] == pytest.approx((53 - 2 * 1.25 + 53 - 2 * 0.75) / 2)
+
+
+def test_several_recompute_policies_give_one_efficient_row_each_in_the_same_rounds(tmp_path):
+    cmd = [sys.executable, "-m", "ablate.cli", "bench", "--backbone", "resnet20", "--batch-size", "4",
+           "--image-size", "32", "--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+           "--threads", "1", "--impls", "baseline,efficient", "--recompute", "never,always", "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [(row["impl"], row["recompute"]) for row in rows] == [
+        ("baseline", None), ("efficient", "never"), ("efficient", "always")]
+    assert "bench: resnet20 efficient (recompute always), round 1 of 1" in proc.stderr
+    never, always = rows[1], rows[2]
+    assert always["saved_mb"] < never["saved_mb"]  # recomputing keeps only each SCConv's input
+    assert never["recomputed"] is None and always["recomputed"] is None  # fixed policies plan nothing
 
 
 def test_compile_is_accepted_on_the_cpu():
@@ -116,6 +131,7 @@ def test_table_has_one_line_per_row(bench_rows):
     (["--amp", "--device", "cpu"], "amp=True"),
     (["--compile", "--warmup", "0", "--device", "cpu"], "warmup=0"),
     (["--recompute", "sometimes"], "recompute='sometimes'"),
+    (["--recompute", "auto,auto"], "recompute='auto,auto'"),
 ])
 def test_bad_values_fail_in_one_line_with_status_2(argv, named, capsys):
     assert main(["bench", "--backbone", "resnet20", *argv]) == 2

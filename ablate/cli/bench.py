@@ -41,11 +41,21 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--impls", type=_impls_type, default=tuple(IMPLS),
                    help="comma list of baseline, reference, efficient (default: all three)")
-    p.add_argument("--recompute", type=choices_type("recompute", RECOMPUTE_POLICIES), default="auto",
-                   help="the efficient SCConv's scconv.recompute: auto (default: each round plans which layers "
-                        "recompute in backward from measured cost), size (inputs >= 1 MiB), always or never")
+    p.add_argument("--recompute", type=_recompute_type, default=("auto",),
+                   help="the efficient SCConv's scconv.recompute, or a comma list for one efficient row each in "
+                        "the same rounds: auto (default: each round plans which layers recompute in backward "
+                        "from measured cost), size (inputs >= 1 MiB), always, never")
     p.add_argument("--format", type=choices_type("format", FORMATS), default="table", help="table or json")
     p.set_defaults(func=cmd_bench)
+
+
+def _recompute_type(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names or any(n not in RECOMPUTE_POLICIES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"recompute={value!r} is not valid; accepted: distinct policies among {', '.join(RECOMPUTE_POLICIES)}, "
+            "comma-separated")
+    return names
 
 
 def _impls_type(value: str) -> tuple[str, ...]:
