@@ -2,7 +2,7 @@
 # GPU check of the efficient SCConv and the input pipeline (see benchmarks/README.md): one call, under 10 minutes.
 #
 # 1. `ablate bench` on CUDA at 224x224, batch 64, bf16 autocast, ResNet-50 and DenseNet-121: eager (baseline,
-#    reference, efficient; 2 interleaved rounds), then under torch.compile (baseline, efficient; 1 round, since
+#    reference, efficient with scconv.recompute auto and size; 2 interleaved rounds), then under torch.compile (baseline, efficient; 1 round, since
 #    every run compiles its model afresh; compile seconds in their own column).
 # 2. Peak memory at the study's batch sizes (ResNet-50 128; DenseNet-121 64 is step 1's eager run).
 # 3. benchmarks/loader.py: images/s of the Food-101 pipeline with CPU (PIL) and GPU (nvJPEG) decoding and of
@@ -50,8 +50,9 @@ bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA a
     run "$name.json" "$limit" "$PY" -m ablate.cli bench --device cuda --image-size 224 --amp --format json "$@"
 }
 
-bench resnet50-eager 70 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 --repeats 2
-bench densenet121-eager 70 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 2
+bench resnet50-eager 85 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 --repeats 2 --recompute auto,size
+bench densenet121-eager 85 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 2 \
+    --recompute auto,size
 bench resnet50-memory128 45 --backbone resnet50 --batch-size 128 --steps 3 --warmup 2 --repeats 1 \
     --impls baseline,efficient
 run loader.txt 110 "$PY" benchmarks/loader.py --device cuda --amp --batch-size 64 --images 1024 \

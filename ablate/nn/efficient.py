@@ -43,7 +43,9 @@ def sru_cru(sru, cru, x: Tensor) -> Tensor:
     return cru(sru(x))
 
 
-def recompute(body: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor], choice: bool | None = None) -> Tensor:
+def recompute(
+    body: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor], choice: bool | None = None
+) -> Tensor:
     """``body(x)``, keeping only ``x`` for backward and rerunning the body there when ``choice`` is True (None:
     when the input has at least RECOMPUTE_MIN_BYTES); ``params``: the body's parameters. The outputs and
     gradients are the same bit for bit either way."""
