@@ -287,7 +287,8 @@ def format_table(rows: list[dict]) -> str:
 
 def _worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
-    fields = dict(spec["config"], impls=tuple(spec["config"]["impls"]), recompute=tuple(spec["config"]["recompute"]))
+    config = spec["config"]
+    fields = dict(config, impls=tuple(config["impls"]), recompute=tuple(config["recompute"]))
     print(json.dumps(measure(BenchConfig(**fields), spec["impl"], spec["recompute"])))
     return 0
 

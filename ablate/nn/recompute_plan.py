@@ -132,8 +132,8 @@ def plan_recompute(model: nn.Module, example: Tensor, *, reps: int = 2, layer_re
     None when there is none or nothing trains.
 
     ``example``: an input batch of the training shape, device and layout; call it under the autocast the
-    training uses. ``reps``: timed whole steps after one warm-up step; ``layer_reps``: timed calls per layer
-    and choice after one warm-up call (the median is taken). The model's state is left as it was.
+    training uses. ``reps``: timed whole steps after one warm-up step (their median); ``layer_reps``: timed
+    keep/recompute pairs per distinct layer after one warm-up pair. The model's state is left as it was.
     """
     names = [name for name, m in model.named_modules() if isinstance(m, SCConv) and m.plannable]
     if not names or not any(p.requires_grad for p in model.parameters()):
@@ -223,12 +223,13 @@ def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> tuple[float, float, in
             layer(x.detach().requires_grad_(True)).float().sum().backward()
         return run
 
+    call(False)()
+    call(True)()
     keep, added = [], []
-    for i in range(max(reps, 1)):
-        first = _median_ms(call(False), 1, warmup=int(i == 0), device=device)
-        second = _median_ms(call(True), 1, warmup=int(i == 0), device=device)
-        keep.append(first)
-        added.append(second - first)
+    for _ in range(max(reps, 1)):
+        keep_ms = _ms(call(False), device)
+        keep.append(keep_ms)
+        added.append(_ms(call(True), device) - keep_ms)
     saved = {}
     for choice in (False, True):
         layer.planned_recompute = choice
@@ -242,15 +243,17 @@ def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> tuple[float, float, in
 
 
 def _median_ms(call: Callable[[], None], reps: int, warmup: int, device: torch.device) -> float:
-    """Median wall ms of ``call`` over ``reps`` calls after ``warmup`` untimed ones (the device's work included)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Median wall ms of ``call`` over ``reps`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         call()
+    return statistics.median(_ms(call, device) for _ in range(max(reps, 1)))
+
+
+def _ms(call: Callable[[], None], device: torch.device) -> float:
+    """Wall ms of one ``call``, the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    times = []
-    for _ in range(max(reps, 1)):
-        begin = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - begin)
-    return 1e3 * statistics.median(times)
+    begin = time.perf_counter()
+    call()
+    sync()
+    return 1e3 * (time.perf_counter() - begin)
