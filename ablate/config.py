@@ -62,9 +62,7 @@ class SCConvConfig:
     group_kernel: int = 3  #: CRU kernel size k of the GWC (odd)
     attention: str | None = None  #: CRU fuse: pairwise (paper Eq. 3) or global (public code) (None: from preset)
     impl: str = "efficient"  #: implementation: efficient (default; same function, less memory) or reference (readable definition)
-    #: efficient only: which layers recompute in backward: auto (planned per layer from measured cost), size
-    #: (inputs >= 1 MiB), always or never. Never changes a number, only memory and time.
-    recompute: str = "auto"
+    recompute: str = "auto"  #: efficient impl: which SCConvs recompute in backward: auto (planned from measured cost), size (inputs >= 1 MiB), always, never; memory and time only
 
     def __post_init__(self) -> None:
         check_choice("scconv.order", self.order, ORDERS)

@@ -383,3 +383,13 @@ def test_status_of_a_folder_as_storage_is_one_line(bare, capsys):
                                         f"sqlite:///{bare / 'folder.db'}"]))
     assert "does not exist" in line
     assert [p.name for p in bare.iterdir()] == ["folder.db"]
+
+
+def test_every_config_key_has_its_help_line():
+    """``ablate train --help`` lists every key with what it does; a field whose ``#:`` comment sits above it
+    instead of on its line (as ``scconv.recompute``'s first did) would show an empty description."""
+    from ablate.config import field_docs
+
+    docs = field_docs()
+    assert "scconv.recompute" in docs and "measured cost" in docs["scconv.recompute"]
+    assert [key for key, doc in docs.items() if not doc.strip()] == []
