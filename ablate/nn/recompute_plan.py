@@ -168,15 +168,15 @@ def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, lay
         return hook
 
     hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
-    try:
-        step = lambda: twin(example).float().sum().backward()  # noqa: E731
-        step_ms = _median_ms(step, reps, warmup=1, device=example.device)
+    try:  # the warm-up step records each layer's input and the step's saved bytes
+        out = twin(example)
     finally:
         for hook in hooks:
             hook.remove()
-    out = twin(example)
     step_bytes = saved_activation_bytes(out, twin.parameters())
+    out.float().sum().backward()
     del out
+    step_ms = _median_ms(lambda: twin(example).float().sum().backward(), reps, warmup=0, device=example.device)
     twin.zero_grad(set_to_none=True)
     measured: dict[tuple, tuple[float, float, int, int]] = {}
     costs = []
