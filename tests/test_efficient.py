@@ -8,7 +8,9 @@ from torch import nn
 
 from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvConfig
 from ablate.nn import CRU, SRU, SCConv, convert, iter_gates, set_keep_stats
+from ablate.nn import efficient_cru
 from ablate.nn.efficient import RECOMPUTE_MIN_BYTES, EfficientCRU, EfficientSRU
+from ablate.nn.efficient_cru import pointwise, pointwise_as_bmm
 from ablate.nn.efficient_sru import normalised, normalised_any_layout
 
 # In == out with a PWC2, and in != out where the squeezed lower path fills the output (no PWC2).
@@ -111,6 +113,43 @@ def test_same_function_when_alpha_splits_unevenly():
 def test_same_function_on_channels_last_input():
     reference, efficient = pair(16, 16, 1, gate_mode="soft", attention="global")
     assert_same_function(reference, efficient, random_input(16).contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("max_weight", [0, efficient_cru.POINTWISE_BMM_MAX_WEIGHT], ids=["conv", "bmm"])
+@pytest.mark.parametrize("order", ["sru_cru", "cru", "cru_sru", "parallel"])
+def test_same_function_with_1x1_convs_as_convs_or_products(order, max_weight, monkeypatch):
+    monkeypatch.setattr(efficient_cru, "POINTWISE_BMM_MAX_WEIGHT", max_weight)
+    reference, efficient = pair(16, 16, 1, order=order, gate_mode="reference", attention="global")
+    assert_same_function(reference, efficient, random_input(16))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channel_slice", "channels_last"])
+def test_pointwise_is_the_1x1_conv(layout):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 1, bias=False).double()
+    x = torch.randn(3, 12, 5, 4, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for call in (conv, lambda t: pointwise(conv, t)):
+        conv.zero_grad(set_to_none=True)
+        leaf = x.detach().requires_grad_(True)
+        part = leaf[:, 4:] if layout == "channel_slice" else leaf[:, :8]
+        y = call(part)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
+        results.append((y.detach(), leaf.grad, conv.weight.grad))
+    for got, want in zip(*reversed(results)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_takes_the_product_only_for_small_weights_laid_out_by_rows():
+    x = torch.randn(2, 64, 5, 5)
+    small = nn.Conv2d(64, 32, 1, bias=False)
+    assert pointwise_as_bmm(small, x)
+    assert pointwise_as_bmm(small, torch.randn(2, 96, 5, 5)[:, 32:])  # a channel slice: rows still follow
+    assert not pointwise_as_bmm(small, x.contiguous(memory_format=torch.channels_last))
+    assert not pointwise_as_bmm(nn.Conv2d(64, 32, 1, bias=True), x)
+    assert not pointwise_as_bmm(nn.Conv2d(256, 128, 1, bias=False), torch.randn(2, 256, 4, 4))
 
 
 def test_same_function_in_float64_to_rounding():

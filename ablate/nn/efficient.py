@@ -5,7 +5,8 @@ implementation has the same submodules, parameters and state-dict keys and compu
 outputs and gradients (tests/test_efficient.py). What it changes, each measured (benchmarks/README.md):
 
 - ``EfficientSRU`` (efficient_sru.py): one autograd Function that keeps only its input.
-- ``EfficientCRU`` (efficient_cru.py): the attention fuse as one Function; Y2 is never concatenated.
+- ``EfficientCRU`` (efficient_cru.py): the attention fuse as one Function; Y2 is never concatenated;
+  1x1 convs with small weights as batched matrix products.
 - ``sru_cru`` with ``alpha = 1/2``: the SRU's output halves are exactly the CRU's two inputs, so
   they are written as two tensors: no concatenation and no copies of split views for the convs.
 - Orders with a CRU can keep only the SCConv's input and rerun the body in backward (the CRU costs

@@ -3,13 +3,14 @@
 Same parameters, outputs, gradients and probes as ``ablate.nn.cru.CRU`` (the readable definition).
 ``Y = a * Y1 + b * Y2`` is written in two passes; its backward needs only Y1, the pieces of Y2 and
 the (N, C_out) weights, with the softmax backward in closed form. ``Y2 = cat(PWC2(Xlow), Xlow)`` is
-kept as its two pieces, each weighed where it lies in the output.
+kept as its two pieces, each weighed where it lies in the output. Where their weights are small the 1x1 convs run
+as batched matrix products (``pointwise``).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ablate.nn.cru import CRU
 from ablate.nn.efficient_sru import Probe
@@ -99,6 +100,33 @@ def _pieces(t: Tensor, weights: Tensor, pieces) -> list[tuple[Tensor, Tensor, Te
     return out
 
 
+#: ``pointwise`` runs a 1x1 conv as a batched matrix product when its weight has at most this many
+#: elements. Forward + backward, 2 threads, batch 16 (benchmarks/README.md): oneDNN's 1x1 conv costs a
+#: fixed ~0.14 ms forward and ~0.26 ms backward per call, and its backward is slow for few channels; the
+#: product takes 0.34-0.90x of the conv's time from 3x3 to 56x56 maps with weights up to 128 x 64. Its
+#: backward sums one weight gradient per sample, so with larger weights on small maps it loses (256 x 128
+#: at 4x4: 1.24x; 512 x 256: 1.71x).
+POINTWISE_BMM_MAX_WEIGHT = 8192
+
+
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 conv (stride 1, no padding); as one matrix product per sample,
+    ``weight @ x.view(N, C, H * W)``, where ``pointwise_as_bmm`` says so, else as the conv. Same function;
+    the sums may round differently."""
+    if not pointwise_as_bmm(conv, x):
+        return conv(x)
+    n, c, h, w = x.shape
+    weight = conv.weight.reshape(1, conv.out_channels, c).expand(n, -1, -1)
+    return torch.bmm(weight, x.view(n, c, h * w)).view(n, -1, h, w)
+
+
+def pointwise_as_bmm(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``pointwise`` runs ``conv(x)`` as a batched matrix product: a small weight, no bias, no groups,
+    and each map's rows following one another in ``x`` (NCHW or a channel slice of it; not channels_last)."""
+    small = conv.weight.numel() <= POINTWISE_BMM_MAX_WEIGHT and conv.bias is None and conv.groups == 1
+    return small and x.stride(3) == 1 and x.stride(2) == x.shape[3]
+
+
 class EfficientCRU(CRU):
     """The CRU with ``FuseFunction``; same parameters, outputs, gradients and probes as ``CRU``."""
 
@@ -107,10 +135,10 @@ class EfficientCRU(CRU):
 
     def forward_split(self, x_up: Tensor, x_low: Tensor) -> Tensor:
         """The CRU of its upper and lower inputs given as separate tensors."""
-        x_up, x_low = self.squeeze1(x_up), self.squeeze2(x_low)
+        x_up, x_low = pointwise(self.squeeze1, x_up), pointwise(self.squeeze2, x_low)
         # In place: a conv's backward does not need its output.
-        y1 = self.gwc(x_up).add_(self.pwc1(x_up))
-        pieces = (x_low[:, : self.out_channels],) if self.pwc2 is None else (self.pwc2(x_low), x_low)
+        y1 = self.gwc(x_up).add_(pointwise(self.pwc1, x_up))
+        pieces = (x_low[:, : self.out_channels],) if self.pwc2 is None else (pointwise(self.pwc2, x_low), x_low)
         probe = Probe() if self.keep_stats else None
         out = FuseFunction.apply(self.attention_mode, probe, y1, *pieces)
         if probe is not None:
