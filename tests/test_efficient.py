@@ -149,6 +149,8 @@ def test_pointwise_takes_the_product_only_for_small_weights_laid_out_by_rows():
     assert pointwise_as_bmm(small, torch.randn(2, 96, 5, 5)[:, 32:])  # a channel slice: rows still follow
     assert not pointwise_as_bmm(small, x.contiguous(memory_format=torch.channels_last))
     assert not pointwise_as_bmm(nn.Conv2d(64, 32, 1, bias=True), x)
+    assert not pointwise_as_bmm(nn.Conv2d(64, 32, 1, stride=2, bias=False), x)
+    assert not pointwise_as_bmm(nn.Conv2d(64, 32, 3, padding=1, bias=False), x)
     assert not pointwise_as_bmm(nn.Conv2d(256, 128, 1, bias=False), torch.randn(2, 256, 4, 4))
 
 

@@ -3,8 +3,8 @@
 Same parameters, outputs, gradients and probes as ``ablate.nn.cru.CRU`` (the readable definition).
 ``Y = a * Y1 + b * Y2`` is written in two passes; its backward needs only Y1, the pieces of Y2 and
 the (N, C_out) weights, with the softmax backward in closed form. ``Y2 = cat(PWC2(Xlow), Xlow)`` is
-kept as its two pieces, each weighed where it lies in the output. Where their weights are small the 1x1 convs run
-as batched matrix products (``pointwise``).
+kept as its two pieces, each weighed where it lies in the output. Where their weights are small the
+1x1 convs run as batched matrix products (``pointwise``).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ POINTWISE_BMM_MAX_WEIGHT = 8192
 
 
 def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(x)`` for a 1x1 conv (stride 1, no padding); as one matrix product per sample,
+    """``conv(x)``; for a 1x1 conv, as one matrix product per sample,
     ``weight @ x.view(N, C, H * W)``, where ``pointwise_as_bmm`` says so, else as the conv. Same function;
     the sums may round differently."""
     if not pointwise_as_bmm(conv, x):
@@ -121,10 +121,13 @@ def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def pointwise_as_bmm(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether ``pointwise`` runs ``conv(x)`` as a batched matrix product: a small weight, no bias, no groups,
-    and each map's rows following one another in ``x`` (NCHW or a channel slice of it; not channels_last)."""
-    small = conv.weight.numel() <= POINTWISE_BMM_MAX_WEIGHT and conv.bias is None and conv.groups == 1
-    return small and x.stride(3) == 1 and x.stride(2) == x.shape[3]
+    """Whether ``pointwise`` runs ``conv(x)`` as a batched matrix product: a plain 1x1 conv (stride 1, no
+    padding, groups or bias) with a small weight, and each map's rows following one another in ``x`` (NCHW
+    or a channel slice of it; not channels_last)."""
+    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1)
+    plain = plain and conv.groups == 1 and conv.bias is None
+    small = conv.weight.numel() <= POINTWISE_BMM_MAX_WEIGHT
+    return plain and small and x.stride(3) == 1 and x.stride(2) == x.shape[3]
 
 
 class EfficientCRU(CRU):
