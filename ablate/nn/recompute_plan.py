@@ -176,7 +176,7 @@ def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, lay
     step_bytes = saved_activation_bytes(out, twin.parameters())
     out.float().sum().backward()
     del out
-    step_ms = _median_ms(lambda: twin(example).float().sum().backward(), reps, warmup=0, device=example.device)
+    step_ms = _median_ms(lambda: twin(example).float().sum().backward(), reps, example.device)
     twin.zero_grad(set_to_none=True)
     measured: dict[tuple, tuple[float, float, int, int]] = {}
     costs = []
@@ -242,10 +242,8 @@ def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> tuple[float, float, in
     return keep_ms, keep_ms + statistics.median(added), saved[False], saved[True]
 
 
-def _median_ms(call: Callable[[], None], reps: int, warmup: int, device: torch.device) -> float:
-    """Median wall ms of ``call`` over ``reps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
+def _median_ms(call: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Median wall ms of ``call`` over ``reps`` calls."""
     return statistics.median(_ms(call, device) for _ in range(max(reps, 1)))
 
 
