@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # GPU check of the efficient SCConv and the input pipeline (see benchmarks/README.md): one call, under 10 minutes.
 #
-# 1. `ablate bench` on CUDA at 224x224, batch 64, bf16 autocast, ResNet-50 and DenseNet-121: eager (baseline,
-#    reference, efficient with scconv.recompute auto and size; 2 interleaved rounds), then under torch.compile (baseline, efficient; 1 round, since
-#    every run compiles its model afresh; compile seconds in their own column).
-# 2. Peak memory at the study's batch sizes (ResNet-50 128; DenseNet-121 64 is step 1's eager run).
-# 3. benchmarks/loader.py: images/s of the Food-101 pipeline with CPU (PIL) and GPU (nvJPEG) decoding and of
+# 1. benchmarks/equivalence.py: the efficient SCConv against the reference on CUDA (every order x gate mode x
+#    attention x gamma norm; float32 without TF32, NCHW and channels_last, kept and recomputed; bf16 autocast;
+#    one inductor fullgraph case).
+# 2. `ablate bench` on CUDA at 224x224, batch 64, bf16 autocast, ResNet-50 and DenseNet-121, eager (baseline,
+#    reference, efficient with scconv.recompute auto; one round of 20 steps: a GPU step varies far less than
+#    a CPU one).
+# 3. Peak memory at the study's batch sizes (ResNet-50 128; DenseNet-121 64 is step 2's run).
+# 4. benchmarks/loader.py: images/s of the Food-101 pipeline with CPU (PIL) and GPU (nvJPEG) decoding and of
 #    the CIFAR-100 pipeline, per worker count, beside the training images/s, with the end-to-end images/s and
 #    GPU utilisation of training fed by each.
-# Prints one table of the bench rows, then the loader table; the JSON rows stay in $BENCH_OUT (default: a new
-# temporary folder). Each invocation has its own time limit; one that runs out is reported and left out.
-# Without a visible CUDA device it stops at once with one line. Sets nothing up: uses .venv when present.
+# 5. `ablate bench --compile` (baseline, efficient; compile seconds in their own column), ResNet-50 then
+#    DenseNet-121, whose compilation is the longest step and so comes last.
+# Prints the equivalence table, one table of the bench rows, then the loader table; each step's output stays
+# in $BENCH_OUT (default: a new temporary folder) as it prints it, so a call cut short keeps what finished.
+# Each step has its own time limit; one that runs out is reported, and what it printed is kept.
+# Without a visible CUDA device it stops at once with one line. Sets nothing up: uses .venv when present, else
+# the python on PATH with this checkout on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,21 +34,20 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 OUT=${BENCH_OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-export MLFLOW_DISABLE_TELEMETRY=true
+export MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "gpu_check: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null);" \
+    "$(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); $("$PY" -c 'import torch; print("torch", torch.__version__)')" >&2
 
-run() {  # run NAME SECONDS COMMAND...: stdout to $OUT/NAME, kept only when the command finished in time
+run() {  # run NAME SECONDS COMMAND...: stdout to $OUT/NAME as it comes, also when the command fails or runs out
     local name=$1 limit=$2
     shift 2
     echo "[$(date +%T)] $name (limit ${limit}s)" >&2
-    timeout "$limit" "$@" >"$OUT/$name.part"
+    timeout "$limit" "$@" >"$OUT/$name"
     local status=$?
     if [ "$status" -ne 0 ]; then
         [ "$status" -eq 124 ] && status="124: over its time limit"
-        echo "[$(date +%T)] $name did not finish (exit $status): left out" >&2
-        rm -f "$OUT/$name.part"
-        return
+        echo "[$(date +%T)] $name did not finish (exit $status): what it printed is kept" >&2
     fi
-    mv "$OUT/$name.part" "$OUT/$name"
 }
 
 bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA at 224 px with bf16
@@ -50,29 +56,35 @@ bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA a
     run "$name.json" "$limit" "$PY" -m ablate.cli bench --device cuda --image-size 224 --amp --format json "$@"
 }
 
-bench resnet50-eager 85 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 --repeats 2 --recompute auto,size
-bench densenet121-eager 85 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 2 \
-    --recompute auto,size
+run equivalence.txt 75 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 1
+bench resnet50-eager 75 --backbone resnet50 --batch-size 64 --steps 20 --warmup 3 --repeats 1
+bench densenet121-eager 90 --backbone densenet121 --batch-size 64 --steps 20 --warmup 3 --repeats 1
 bench resnet50-memory128 45 --backbone resnet50 --batch-size 128 --steps 3 --warmup 2 --repeats 1 \
     --impls baseline,efficient
-run loader.txt 110 "$PY" benchmarks/loader.py --device cuda --amp --batch-size 64 --images 1024 \
+run loader.txt 100 "$PY" benchmarks/loader.py --device cuda --amp --batch-size 64 --images 1024 \
     --workers 4 8 16 --decode cpu gpu --datasets food101 cifar100
 bench resnet50-compile 120 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 --repeats 1 \
     --compile --impls baseline,efficient
-bench densenet121-compile 150 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 1 \
+bench densenet121-compile 240 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 1 \
     --compile --impls baseline,efficient
 
+cat "$OUT/equivalence.txt" 2>/dev/null || echo "the equivalence check did not run"
+echo
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys
 
 from ablate.bench import format_table
 
 names = ["resnet50-eager", "densenet121-eager", "resnet50-memory128", "resnet50-compile", "densenet121-compile"]
-rows = [row for name in names if (path := pathlib.Path(sys.argv[1], f"{name}.json")).exists()
-        for row in json.loads(path.read_text())]
+rows = []
+for name in names:
+    path = pathlib.Path(sys.argv[1], f"{name}.json")
+    try:
+        rows += json.loads(path.read_text())
+    except (OSError, ValueError):  # not run, or cut short before it printed its rows
+        print(f"{name}: no rows")
 print(format_table(rows) if rows else "no bench run finished")
 EOF
 echo
-cat "$OUT/loader.txt" 2>/dev/null || echo "the loader measurement did not finish"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+cat "$OUT/loader.txt" 2>/dev/null || echo "the loader measurement did not run"
 echo "JSON rows and the loader table: $OUT" >&2

@@ -1,0 +1,187 @@
+"""The efficient SCConv against the reference on one device: outputs, input gradients, parameter gradients.
+
+The tests check the two implementations on the CPU; this checks them where they run, a GPU above all, in
+one call. For every order x gate mode x attention x gamma norm, at stride 1 and 2, for in == out and
+in != out channels, it runs both on the same weights and input (random, with GroupNorm gammas of mixed
+sign so that every gate mode matters) and compares, as the relative norm ``|a - b| / |b|``:
+
+- float32, NCHW and channels_last inputs, the efficient body kept (``recompute = never``) and recomputed
+  in backward (``always``); TF32 is switched off, since its 10-bit mantissa is not what is being compared;
+- bf16 autocast (``--bf16``; CUDA or CPU), against a looser bound: bf16 keeps 8 significant bits;
+- ``torch.compile(fullgraph=True)`` with inductor on up to three cases (``--compile N``), the generated
+  kernels against the eager reference; each case compiles a forward and a backward.
+
+Prints one row per group with its case count and the largest error of each quantity, then PASS or FAIL;
+exits 1 when a case exceeds its bound (float32 1e-5, bf16 3e-2) or a gradient is None on one side only.
+
+    python benchmarks/equivalence.py [--device cuda] [--bf16] [--compile N] [--orders sru_cru,parallel]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import replace
+
+import torch
+
+from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvConfig
+from ablate.nn import SRU, SCConv
+
+FLOAT32_BOUND = 1e-5
+BF16_BOUND = 3e-2
+#: (in, out) channels: in == out takes the CRU's PWC2; in != out fills the output from the squeezed lower path.
+CHANNELS = ((16, 16), (16, 8))
+#: Inductor cases: (order, gate_mode, attention, recompute); each compiles forward and backward once.
+COMPILE_CASES = (("sru_cru", "binary", "pairwise", "always"), ("cru_sru", "reference", "global", "never"),
+                 ("parallel", "soft", "global", "always"))
+
+
+def pair(in_channels: int, out_channels: int, stride: int, device: torch.device, **fields):
+    """(reference, efficient) SCConv on ``device`` with the same weights; GroupNorm gammas of mixed sign."""
+    config = SCConvConfig(impl="reference", **fields)
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = SCConv(in_channels, out_channels, stride, config)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, SRU):
+                module.gn.weight.copy_(torch.rand(module.gn.weight.shape, generator=generator) * 2 - 0.5)
+                module.gn.bias.copy_(torch.randn(module.gn.bias.shape, generator=generator))
+    efficient = SCConv(in_channels, out_channels, stride, replace(config, impl="efficient"))
+    efficient.load_state_dict(reference.state_dict())
+    return reference.to(device), efficient.to(device)
+
+
+def forward_backward(model, x, upstream, amp: bool, call=None):
+    """Output, input gradient and parameter gradients (None where autograd gives none) of one step."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        y = (model if call is None else call)(x)
+    y.backward(upstream.to(y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+def relative_errors(got: list, want: list, names: list[str]) -> dict[str, float]:
+    """|got - want| / |want| per quantity in float64 (0 where both are zero); a one-sided None is an error."""
+    errors = {}
+    for name, a, b in zip(names, got, want):
+        if (a is None) != (b is None):
+            raise AssertionError(f"{name}: gradient is None on one side only")
+        if a is None:
+            continue
+        a, b = a.double(), b.double()
+        norm = float(b.norm())
+        errors[name] = float((a - b).norm()) / norm if norm > 0 else float((a - b).norm())
+    return errors
+
+
+def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels, *, recompute="never",
+               channels_last=False, amp=False, compiled=False) -> dict[str, float]:
+    """The largest relative error of output, input gradient and parameter gradients in one case."""
+    in_channels, out_channels = channels
+    reference, efficient = pair(in_channels, out_channels, stride, device, order=order, gate_mode=gate_mode,
+                                attention=attention, gamma_norm=gamma_norm, recompute=recompute)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, in_channels, 14, 14, generator=generator).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        shape = reference(x).shape
+    upstream = torch.randn(shape, generator=generator).to(device)
+    call = torch.compile(efficient, backend="inductor", fullgraph=True) if compiled else None
+    want = forward_backward(reference, x, upstream, amp)
+    got = forward_backward(efficient, x, upstream, amp, call)
+    errors = relative_errors(got, want, ["output", "input grad"] + [n for n, _ in efficient.named_parameters()])
+    params = [e for n, e in errors.items() if n not in ("output", "input grad")]
+    return {"output": errors["output"], "input grad": errors["input grad"], "param grads": max(params, default=0.0)}
+
+
+def cases(orders) -> list[tuple]:
+    """Every order x gate mode x attention x gamma norm x stride x channels the SCConv accepts."""
+    out = []
+    for order, gate, attention, gamma, stride, channels in itertools.product(
+            orders, GATE_MODES, ATTENTIONS, GAMMA_NORMS, (1, 2), CHANNELS):
+        if order == "parallel" and channels[0] != channels[1]:
+            continue  # parallel adds the two units' outputs: in == out only
+        out.append((order, gate, attention, gamma, stride, channels))
+    return out
+
+
+def groups(args, device) -> list[tuple[str, float, list[tuple], dict]]:
+    """(name, bound, cases, keyword arguments of check_case) of each group to run."""
+    all_cases = cases(args.orders)
+    out = [("float32 NCHW keep", FLOAT32_BOUND, all_cases, {}),
+           ("float32 NCHW recompute", FLOAT32_BOUND, all_cases, {"recompute": "always"}),
+           ("float32 channels_last keep", FLOAT32_BOUND, all_cases, {"channels_last": True}),
+           ("float32 channels_last recompute", FLOAT32_BOUND, all_cases,
+            {"channels_last": True, "recompute": "always"})]
+    if args.bf16:
+        layout = "channels_last" if device.type == "cuda" else "NCHW"  # each device's training layout
+        out.append((f"bf16 autocast {layout} recompute", BF16_BOUND, all_cases,
+                    {"channels_last": device.type == "cuda", "recompute": "always"}))
+    if args.compile:
+        for order, gate, attention, recompute in COMPILE_CASES[:args.compile]:
+            out.append((f"float32 inductor {order} {recompute}", FLOAT32_BOUND,
+                        [(order, gate, attention, "sum", 1, (16, 16))], {"compiled": True, "recompute": recompute}))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--bf16", action="store_true", help="add a bf16 autocast group (bound 3e-2)")
+    p.add_argument("--compile", type=int, default=0, metavar="N",
+                   help=f"add N inductor cases (fullgraph=True), 0 to {len(COMPILE_CASES)}; a minute each on a CPU")
+    p.add_argument("--orders", default=",".join(o for o in ORDERS if o != "none"),
+                   help="comma-separated SCConv orders of the eager groups (default: every order that replaces the conv)")
+    args = p.parse_args(argv)
+    args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    bad = [o for o in args.orders if o not in ORDERS]
+    if bad or not args.orders:
+        print(f"equivalence: --orders {bad[0] if bad else '(empty)'!r} is not an order; accepted: "
+              f"{', '.join(ORDERS)}", file=sys.stderr)
+        return 2
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        print(f"equivalence: --device {args.device!r} is not available here; accepted: cpu"
+              + (", cuda" if torch.cuda.is_available() else ""), file=sys.stderr)
+        return 2
+    if not 0 <= args.compile <= len(COMPILE_CASES):
+        print(f"equivalence: --compile {args.compile} is out of range; accepted: 0 to {len(COMPILE_CASES)}",
+              file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"efficient SCConv against the reference on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" (torch {torch.__version__}); relative norm |efficient - reference| / |reference|", flush=True)
+    header = f"{'group':<32} {'cases':>5} {'output':>9} {'input grad':>10} {'param grads':>11} {'bound':>7}  result"
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for name, bound, group_cases, kwargs in groups(args, device):
+        worst = {"output": 0.0, "input grad": 0.0, "param grads": 0.0}
+        error = None
+        for case in group_cases:
+            try:
+                for key, value in check_case(device, *case, **kwargs).items():
+                    worst[key] = max(worst[key], value)
+            except AssertionError as e:
+                error = f"{case}: {e}"
+            if kwargs.get("compiled"):
+                torch._dynamo.reset()
+        ok = error is None and max(worst.values()) <= bound
+        failed |= not ok
+        print(f"{name:<32} {len(group_cases):>5} {worst['output']:>9.1e} {worst['input grad']:>10.1e} "
+              f"{worst['param grads']:>11.1e} {bound:>7.0e}  {'PASS' if ok else 'FAIL'}" + (f" ({error})" if error else ""),
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""benchmarks/equivalence.py, the GPU check of the efficient SCConv against the reference, run here on the CPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ablate.nn import efficient_cru
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "equivalence.py"
+
+
+@pytest.fixture(scope="module")
+def equivalence():
+    spec = importlib.util.spec_from_file_location("equivalence", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_passes_on_the_efficient_implementation(equivalence, capsys):
+    assert equivalence.main(["--device", "cpu", "--orders", "cru,parallel", "--bf16"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.endswith("PASS")]
+    # four float32 groups (NCHW and channels_last, kept and recomputed) and bf16; cru: 64 cases, parallel: 32
+    assert len(rows) == 5 and all(" 96 " in row for row in rows)
+    assert "FAIL" not in out
+
+
+def test_fails_when_the_efficient_implementation_computes_something_else(equivalence, monkeypatch, capsys):
+    # A 1x1 conv off by 1e-4 relative: well inside what a loose check or a plot would pass.
+    real = efficient_cru.pointwise
+    monkeypatch.setattr(efficient_cru, "pointwise", lambda conv, x: real(conv, x) * (1 + 1e-4))
+    assert equivalence.main(["--device", "cpu", "--orders", "cru"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, field", [(["--orders", "sru,diagonal"], "'diagonal'"),
+                                         (["--device", "tpu"], "'tpu'")])
+def test_bad_arguments_exit_2_naming_the_value(equivalence, capsys, argv, field):
+    assert equivalence.main(argv) == 2
+    err = capsys.readouterr().err
+    assert field in err and "accepted" in err and len(err.strip().splitlines()) == 1
