@@ -8,8 +8,8 @@ sign so that every gate mode matters) and compares, as the relative norm ``|a - 
 - float32, NCHW and channels_last inputs, the efficient body kept (``recompute = never``) and recomputed
   in backward (``always``); TF32 is switched off, since its 10-bit mantissa is not what is being compared;
 - bf16 autocast (``--bf16``; CUDA or CPU), against a looser bound: bf16 keeps 8 significant bits;
-- ``torch.compile(fullgraph=True)`` with inductor on up to three cases (``--compile N``), the generated
-  kernels against the eager reference; each case compiles a forward and a backward.
+- ``torch.compile(fullgraph=True)`` with inductor on the first N of eight cases (``--compile N``), the
+  generated kernels against the eager reference; each case compiles a forward and a backward.
 
 Prints one row per group with its case count and the largest error of each quantity, then PASS or FAIL;
 exits 1 when a case exceeds its bound (float32 1e-5, bf16 3e-2) or a gradient is None on one side only.
@@ -33,9 +33,14 @@ FLOAT32_BOUND = 1e-5
 BF16_BOUND = 3e-2
 #: (in, out) channels: in == out takes the CRU's PWC2; in != out fills the output from the squeezed lower path.
 CHANNELS = ((16, 16), (16, 8))
-#: Inductor cases: (order, gate_mode, attention, recompute); each compiles forward and backward once.
-COMPILE_CASES = (("sru_cru", "binary", "pairwise", "always"), ("cru_sru", "reference", "global", "never"),
-                 ("parallel", "soft", "global", "always"))
+#: Inductor cases: (order, gate_mode, attention, recompute, channels_last); each compiles forward and backward
+#: once. The first is the one that failed on an H200 (benchmarks/README.md); the next five change one thing
+#: each from it (keep instead of recompute, channels_last, the SRU or the CRU alone, another gate and
+#: attention), so that a failure names its part.
+COMPILE_CASES = (("sru_cru", "binary", "pairwise", "always", False), ("sru_cru", "binary", "pairwise", "never", False),
+                 ("sru_cru", "binary", "pairwise", "always", True), ("sru", "binary", "pairwise", "always", False),
+                 ("cru", "binary", "pairwise", "always", False), ("sru_cru", "soft", "global", "always", False),
+                 ("cru_sru", "reference", "global", "never", False), ("parallel", "soft", "global", "always", False))
 
 
 def pair(in_channels: int, out_channels: int, stride: int, device: torch.device, **fields):
@@ -122,11 +127,12 @@ def groups(args, device) -> list[tuple[str, float, list[tuple], dict]]:
     if args.bf16:
         layout = "channels_last" if device.type == "cuda" else "NCHW"  # each device's training layout
         out.append((f"bf16 autocast {layout} recompute", BF16_BOUND, all_cases,
-                    {"channels_last": device.type == "cuda", "recompute": "always"}))
+                    {"amp": True, "channels_last": device.type == "cuda", "recompute": "always"}))
     if args.compile:
-        for order, gate, attention, recompute in COMPILE_CASES[:args.compile]:
-            out.append((f"float32 inductor {order} {recompute}", FLOAT32_BOUND,
-                        [(order, gate, attention, "sum", 1, (16, 16))], {"compiled": True, "recompute": recompute}))
+        for order, gate, attention, recompute, channels_last in COMPILE_CASES[:args.compile]:
+            name = f"inductor {order} {gate} {recompute}" + (" cl" if channels_last else "")
+            out.append((name, FLOAT32_BOUND, [(order, gate, attention, "sum", 1, (16, 16))],
+                        {"compiled": True, "recompute": recompute, "channels_last": channels_last}))
     return out
 
 
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     print(f"efficient SCConv against the reference on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f" (torch {torch.__version__}); relative norm |efficient - reference| / |reference|", flush=True)
-    header = f"{'group':<32} {'cases':>5} {'output':>9} {'input grad':>10} {'param grads':>11} {'bound':>7}  result"
+    header = f"{'group':<38} {'cases':>5} {'output':>9} {'input grad':>10} {'param grads':>11} {'bound':>7}  result"
     print(header)
     print("-" * len(header))
     failed = False
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
         ok = error is None and max(worst.values()) <= bound
         failed |= not ok
-        print(f"{name:<32} {len(group_cases):>5} {worst['output']:>9.1e} {worst['input grad']:>10.1e} "
+        print(f"{name:<38} {len(group_cases):>5} {worst['output']:>9.1e} {worst['input grad']:>10.1e} "
               f"{worst['param grads']:>11.1e} {bound:>7.0e}  {'PASS' if ok else 'FAIL'}" + (f" ({error})" if error else ""),
               flush=True)
     return 1 if failed else 0

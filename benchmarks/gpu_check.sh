@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the efficient SCConv and the input pipeline (see benchmarks/README.md): one call, under 10 minutes.
+# GPU check of the efficient SCConv and the input pipeline (see benchmarks/README.md), in steps that fit 10-minute calls.
 #
 # 1. benchmarks/equivalence.py: the efficient SCConv against the reference on CUDA (every order x gate mode x
 #    attention x gamma norm; float32 without TF32, NCHW and channels_last, kept and recomputed; bf16 autocast;
-#    one inductor fullgraph case).
+#    eight inductor fullgraph cases, which vary one thing each from a case that failed on an H200).
 # 2. `ablate bench` on CUDA at 224x224, batch 64, bf16 autocast, ResNet-50 and DenseNet-121, eager (baseline,
 #    reference, efficient with scconv.recompute auto; one round of 20 steps: a GPU step varies far less than
 #    a CPU one).
@@ -16,10 +16,24 @@
 # Prints the equivalence table, one table of the bench rows, then the loader table; each step's output stays
 # in $BENCH_OUT (default: a new temporary folder) as it prints it, so a call cut short keeps what finished.
 # Each step has its own time limit; one that runs out is reported, and what it printed is kept.
+#
+#     benchmarks/gpu_check.sh [STEP...]      (default: every step, in the order above; about 25 minutes)
+#
+# STEP: equivalence, resnet50-eager, densenet121-eager, resnet50-memory128, loader, resnet50-compile,
+# densenet121-compile. On an H200 (2026-12-04) the first four took 3 minutes together (with one inductor case);
+# the loader hung, and the two compiled benches did not finish in 2 and 4 minutes: give each compiled bench a
+# call of its own (their limits are 5 and 10 minutes).
 # Without a visible CUDA device it stops at once with one line. Sets nothing up: uses .venv when present, else
 # the python on PATH with this checkout on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ALL_STEPS=(equivalence resnet50-eager densenet121-eager resnet50-memory128 loader resnet50-compile densenet121-compile)
+for name in "$@"; do
+    if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
+        echo "gpu_check: STEP '$name' is not a step; accepted: ${ALL_STEPS[*]}" >&2
+        exit 2
+    fi
+done
 
 if [ -x .venv/bin/python ]; then
     PY=.venv/bin/python
@@ -56,17 +70,26 @@ bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA a
     run "$name.json" "$limit" "$PY" -m ablate.cli bench --device cuda --image-size 224 --amp --format json "$@"
 }
 
-run equivalence.txt 75 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 1
-bench resnet50-eager 75 --backbone resnet50 --batch-size 64 --steps 20 --warmup 3 --repeats 1
-bench densenet121-eager 90 --backbone densenet121 --batch-size 64 --steps 20 --warmup 3 --repeats 1
-bench resnet50-memory128 45 --backbone resnet50 --batch-size 128 --steps 3 --warmup 2 --repeats 1 \
-    --impls baseline,efficient
-run loader.txt 100 "$PY" benchmarks/loader.py --device cuda --amp --batch-size 64 --images 1024 \
-    --workers 4 8 16 --decode cpu gpu --datasets food101 cifar100
-bench resnet50-compile 120 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 --repeats 1 \
-    --compile --impls baseline,efficient
-bench densenet121-compile 240 --backbone densenet121 --batch-size 64 --steps 10 --warmup 3 --repeats 1 \
-    --compile --impls baseline,efficient
+step() {  # step NAME: one of the steps above, each with its own time limit
+    case $1 in
+        equivalence) run equivalence.txt 120 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 8 ;;
+        resnet50-eager) bench resnet50-eager 75 --backbone resnet50 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
+        densenet121-eager)
+            bench densenet121-eager 90 --backbone densenet121 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
+        resnet50-memory128) bench resnet50-memory128 45 --backbone resnet50 --batch-size 128 --steps 3 --warmup 2 \
+            --repeats 1 --impls baseline,efficient ;;
+        loader) run loader.txt 240 "$PY" benchmarks/loader.py --device cuda --amp --batch-size 64 --images 1024 \
+            --workers 4 8 16 --decode cpu gpu --datasets food101 cifar100 ;;
+        resnet50-compile) bench resnet50-compile 300 --backbone resnet50 --batch-size 64 --steps 10 --warmup 3 \
+            --repeats 1 --compile --impls baseline,efficient ;;
+        densenet121-compile) bench densenet121-compile 580 --backbone densenet121 --batch-size 64 --steps 10 \
+            --warmup 3 --repeats 1 --compile --impls baseline,efficient ;;
+    esac
+}
+
+for name in "${@:-${ALL_STEPS[@]}}"; do
+    step "$name"
+done
 
 cat "$OUT/equivalence.txt" 2>/dev/null || echo "the equivalence check did not run"
 echo
