@@ -10,6 +10,8 @@ import struct
 import warnings
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -256,6 +258,24 @@ def test_make_loaders_seeds_worker_processes():
     assert torch.equal(first_torch, again_torch) and torch.equal(first_numpy, again_numpy)
     assert not torch.equal(first_torch, other_torch) and not torch.equal(first_numpy, other_numpy)
     assert len(set(first_numpy.tolist())) == 8  # workers must not share numpy's state
+
+
+def test_loads_in_process_where_workers_cannot_share_batches(monkeypatch, capsys):
+    # Seen on a GPU virtual machine: duplicating the shared batch's file descriptor fails in every worker, the
+    # workers live on, and the training process would wait for their batches forever.
+    ds = _RandomItems()
+    bundle = DataBundle(ds, ds, 1, ["x"], (0.0,), (1.0,))
+    assert make_loaders(bundle, batch_size=4, seed=0, num_workers=2)[0].num_workers == 2
+
+    def bad_dup(fd):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(os, "dup", bad_dup)
+    train, val = make_loaders(bundle, batch_size=4, seed=0, num_workers=2)
+    assert train.num_workers == val.num_workers == 0
+    assert len(list(train)) == 2  # and it loads
+    err = capsys.readouterr().err
+    assert "Bad file descriptor" in err and "num_workers=0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_probe_batch_fixed(digits):

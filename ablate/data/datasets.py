@@ -8,6 +8,7 @@ the study's transform recipes; ``make_loaders`` and ``probe_batch`` turn a bundl
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -270,6 +271,27 @@ def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
     return min(available_cpus(), MAX_AUTO_WORKERS)
 
 
+def sharing_problem() -> str | None:
+    """Why this machine cannot hand tensors between processes as loader workers do, or None when it can.
+
+    A worker hands each batch to the training process through shared memory; with PyTorch's default
+    ``file_descriptor`` strategy the batch's memory is sent as a duplicated file descriptor. Where that
+    fails (seen on a GPU virtual machine: ``os.dup`` gave ``EBADF``), the failure is raised in the worker's
+    queue thread, the worker lives on, and the training process waits for its batches forever. The same
+    steps on a one-element tensor, in this process, find it first.
+    """
+    try:
+        storage = torch.empty(1).untyped_storage()
+        if torch.multiprocessing.get_sharing_strategy() == "file_system":
+            storage._share_filename_cpu_()
+        else:
+            fd, _ = storage._share_fd_cpu_()
+            os.close(os.dup(fd))
+    except (OSError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def make_loaders(
     bundle: DataBundle, batch_size: int, seed: int, num_workers: int | str = "auto", pin_memory: bool = False,
     device: torch.device | str = "cpu",
@@ -282,6 +304,10 @@ def make_loaders(
     decoded and transformed on ``device``.
     """
     workers = resolve_workers(num_workers, bundle.train)
+    if workers > 0 and (problem := sharing_problem()) is not None:
+        print(f"ablate: loader workers cannot share batches with this process here ({problem}): "
+              f"loading in this process instead (num_workers=0)", file=sys.stderr, flush=True)
+        workers = 0
 
     def loader(ds: Dataset, shuffle: bool, generator_seed: int, decode: DeviceDecode | None) -> DataLoader:
         kwargs = dict(

@@ -24,6 +24,7 @@ from ablate import track
 from ablate.config import ConfigError, RunConfig
 from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.errors import CheckpointError
+from ablate.nn.efficient import EfficientCRU, EfficientSRU
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
     GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
@@ -160,6 +161,20 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 
 #: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
+#: Printed when a model with efficient SCConvs is compiled on CUDA: not yet shown to compute the reference's
+#: gradients there (docs/scconv.md, "On a GPU").
+COMPILED_CUDA_WARNING = (
+    "ablate: warning: the efficient SCConv under torch.compile on CUDA gave a wrong input gradient in one of "
+    "benchmarks/equivalence.py's cases on an H200 (torch 2.11); before trusting this run, check this GPU with "
+    "`python benchmarks/equivalence.py --compile 8`, or train with scconv.impl=reference or compile=false")
+
+
+
+def compiled_needs_check(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether compiling ``model`` on ``device`` earns COMPILED_CUDA_WARNING: efficient SCConvs on CUDA."""
+    return device.type == "cuda" and any(isinstance(m, (EfficientSRU, EfficientCRU)) for m in model.modules())
+
+
 _SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
 
 
@@ -414,6 +429,8 @@ class _Trainer:
             if compiling:
                 print("ablate: compiling the model (torch.compile): the first training step takes minutes on a CPU",
                       file=sys.stderr, flush=True)
+                if compiled_needs_check(self.model, self.device):
+                    print(COMPILED_CUDA_WARNING, file=sys.stderr, flush=True)
             with tqdm(total=steps, initial=skip, unit="step", leave=False, disable=not self.progress,
                       dynamic_ncols=True) as inner, self.feed.counting():
                 train_loss, train_acc = train_one_epoch(
