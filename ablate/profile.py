@@ -4,16 +4,19 @@ MACs are the multiply-accumulates that ``torch.utils.flop_counter.FlopCounterMod
 (convolutions, linear layers and matrix products), i.e. its FLOPs divided by 2. Normalisation,
 activations, pooling, softmax and element-wise products (the SRU gate, the CRU fuse) are not
 counted, as in the MAC figures papers report. ``saved_activation_bytes`` measures what a forward keeps for its
-backward (the benchmark's activation memory).
+backward (the benchmark's activation memory); ``count_ops`` counts the operations a step dispatches, which on
+a GPU are its kernel launches.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ablate import table
@@ -148,3 +151,31 @@ def _saved_tensors(node) -> list[torch.Tensor]:
                 continue
             values.extend(value if isinstance(value, (tuple, list)) else (value,))
     return [v for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta"]
+
+
+#: Operators that compute nothing: allocation without initialisation, dtype arithmetic, and the views that
+#: their schema does not mark as views (the rest are told apart by it).
+_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "promote_types",
+                        "result_type", "lift_fresh", "_unsafe_view"})
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(run: Callable[[], object]) -> Counter:
+    """The ATen operators that ``run()`` dispatches below autograd, by name, forward and backward alike; views
+    and allocations left out. Each launches at least one kernel on a GPU, so where a step is many small
+    operations this count, more than its MACs, sets its time. Deterministic: the same code counts the same."""
+    counter = _OpCounter()
+    with counter:
+        run()
+    return counter.counts

@@ -7,12 +7,15 @@ sign so that every gate mode matters) and compares, as the relative norm ``|a - 
 
 - float32, NCHW and channels_last inputs, the efficient body kept (``recompute = never``) and recomputed
   in backward (``always``); TF32 is switched off, since its 10-bit mantissa is not what is being compared;
-- bf16 autocast (``--bf16``; CUDA or CPU), against a looser bound: bf16 keeps 8 significant bits;
+- bf16 autocast (``--bf16``; CUDA or CPU): both implementations against the reference run in float64, the
+  efficient one passing within three times the reference's own error, since in bf16 both round and a hard gate
+  near its threshold can flip in either;
 - ``torch.compile(fullgraph=True)`` with inductor on the first N of eight cases (``--compile N``), the
   generated kernels against the eager reference; each case compiles a forward and a backward.
 
 Prints one row per group with its case count and the largest error of each quantity, then PASS or FAIL;
-exits 1 when a case exceeds its bound (float32 1e-5, bf16 3e-2) or a gradient is None on one side only.
+exits 1 when a case exceeds its bound (float32: 1e-5; bf16: three times the reference's own error against float64)
+or a gradient is None on one side only.
 
     python benchmarks/equivalence.py [--device cuda] [--bf16] [--compile N] [--orders sru_cru,parallel]
 """
@@ -20,6 +23,7 @@ exits 1 when a case exceeds its bound (float32 1e-5, bf16 3e-2) or a gradient is
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import sys
 from dataclasses import replace
@@ -30,7 +34,13 @@ from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvCon
 from ablate.nn import SRU, SCConv
 
 FLOAT32_BOUND = 1e-5
-BF16_BOUND = 3e-2
+#: bf16: each implementation against the reference in float64, case by case and quantity by quantity; the
+#: efficient one passes within BF16_RATIO times the reference's own error (or BF16_FLOOR, when that is smaller).
+#: On the CPU (2026-12-04) the median ratio over 864 case-quantities was 0.98 and the largest 2.4 (cru_sru
+#: with a hard gate, where bf16 rounding flips gates near the threshold); a wrong function is far above.
+BF16_RATIO = 3.0
+BF16_FLOOR = 1e-3
+QUANTITIES = ("output", "input grad", "param grads")
 #: (in, out) channels: in == out takes the CRU's PWC2; in != out fills the output from the squeezed lower path.
 CHANNELS = ((16, 16), (16, 8))
 #: Inductor cases: (order, gate_mode, attention, recompute, channels_last); each compiles forward and backward
@@ -84,9 +94,17 @@ def relative_errors(got: list, want: list, names: list[str]) -> dict[str, float]
     return errors
 
 
+def _worst(errors: dict[str, float]) -> dict[str, float]:
+    """Output, input gradient and the largest parameter gradient error."""
+    params = [e for n, e in errors.items() if n not in ("output", "input grad")]
+    return {"output": errors["output"], "input grad": errors["input grad"], "param grads": max(params, default=0.0)}
+
+
 def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels, *, recompute="never",
-               channels_last=False, amp=False, compiled=False) -> dict[str, float]:
-    """The largest relative error of output, input gradient and parameter gradients in one case."""
+               channels_last=False, amp=False, compiled=False) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The largest relative error of output, input gradient and parameter gradients in one case: of the
+    efficient SCConv against the reference; under ``amp``, of each against the reference in float64 (the
+    second dict is the reference's), since in bf16 both round and a hard gate can flip in either."""
     in_channels, out_channels = channels
     reference, efficient = pair(in_channels, out_channels, stride, device, order=order, gate_mode=gate_mode,
                                 attention=attention, gamma_norm=gamma_norm, recompute=recompute)
@@ -98,11 +116,13 @@ def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels
         shape = reference(x).shape
     upstream = torch.randn(shape, generator=generator).to(device)
     call = torch.compile(efficient, backend="inductor", fullgraph=True) if compiled else None
+    names = ["output", "input grad"] + [n for n, _ in efficient.named_parameters()]
     want = forward_backward(reference, x, upstream, amp)
     got = forward_backward(efficient, x, upstream, amp, call)
-    errors = relative_errors(got, want, ["output", "input grad"] + [n for n, _ in efficient.named_parameters()])
-    params = [e for n, e in errors.items() if n not in ("output", "input grad")]
-    return {"output": errors["output"], "input grad": errors["input grad"], "param grads": max(params, default=0.0)}
+    if not amp:
+        return _worst(relative_errors(got, want, names)), None
+    truth = forward_backward(copy.deepcopy(reference).double(), x.double(), upstream.double(), False)
+    return _worst(relative_errors(got, truth, names)), _worst(relative_errors(want, truth, names))
 
 
 def cases(orders) -> list[tuple]:
@@ -126,7 +146,7 @@ def groups(args, device) -> list[tuple[str, float, list[tuple], dict]]:
             {"channels_last": True, "recompute": "always"})]
     if args.bf16:
         layout = "channels_last" if device.type == "cuda" else "NCHW"  # each device's training layout
-        out.append((f"bf16 autocast {layout} recompute", BF16_BOUND, all_cases,
+        out.append((f"bf16 autocast {layout} recompute", None, all_cases,
                     {"amp": True, "channels_last": device.type == "cuda", "recompute": "always"}))
     if args.compile:
         for order, gate, attention, recompute, channels_last in COMPILE_CASES[:args.compile]:
@@ -141,7 +161,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when there is one)")
-    p.add_argument("--bf16", action="store_true", help="add a bf16 autocast group (bound 3e-2)")
+    p.add_argument("--bf16", action="store_true", help="add a bf16 autocast group: each implementation against the reference in float64")
     p.add_argument("--compile", type=int, default=0, metavar="N",
                    help=f"add N inductor cases (fullgraph=True), 0 to {len(COMPILE_CASES)}; a minute each on a CPU")
     p.add_argument("--orders", default=",".join(o for o in ORDERS if o != "none"),
@@ -171,21 +191,34 @@ def main(argv=None) -> int:
     print("-" * len(header))
     failed = False
     for name, bound, group_cases, kwargs in groups(args, device):
-        worst = {"output": 0.0, "input grad": 0.0, "param grads": 0.0}
-        error = None
+        worst = dict.fromkeys(QUANTITIES, 0.0)
+        worst_reference = dict.fromkeys(QUANTITIES, 0.0)
+        excess, error = 0.0, None
         for case in group_cases:
             try:
-                for key, value in check_case(device, *case, **kwargs).items():
-                    worst[key] = max(worst[key], value)
+                errors, reference_errors = check_case(device, *case, **kwargs)
             except AssertionError as e:
                 error = f"{case}: {e}"
-            if kwargs.get("compiled"):
-                torch._dynamo.reset()
-        ok = error is None and max(worst.values()) <= bound
+                continue
+            finally:
+                if kwargs.get("compiled"):
+                    torch._dynamo.reset()
+            for key in QUANTITIES:
+                worst[key] = max(worst[key], errors[key])
+                if reference_errors is None:
+                    excess = max(excess, errors[key] / bound)
+                else:  # bf16: no worse than the reference's own rounding allows
+                    worst_reference[key] = max(worst_reference[key], reference_errors[key])
+                    excess = max(excess, errors[key] / (BF16_RATIO * max(reference_errors[key], BF16_FLOOR)))
+        ok = error is None and excess <= 1
         failed |= not ok
+        bound_text = f"{bound:>7.0e}" if not kwargs.get("amp") else f"{f'{BF16_RATIO:g}x ref':>7}"
         print(f"{name:<38} {len(group_cases):>5} {worst['output']:>9.1e} {worst['input grad']:>10.1e} "
-              f"{worst['param grads']:>11.1e} {bound:>7.0e}  {'PASS' if ok else 'FAIL'}" + (f" ({error})" if error else ""),
+              f"{worst['param grads']:>11.1e} {bound_text}  {'PASS' if ok else 'FAIL'}" + (f" ({error})" if error else ""),
               flush=True)
+        if kwargs.get("amp"):
+            print(f"{'  the reference against float64':<38} {len(group_cases):>5} {worst_reference['output']:>9.1e} "
+                  f"{worst_reference['input grad']:>10.1e} {worst_reference['param grads']:>11.1e}", flush=True)
     return 1 if failed else 0
 
 

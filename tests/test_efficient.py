@@ -8,7 +8,7 @@ from torch import nn
 
 from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvConfig
 from ablate.nn import CRU, SRU, SCConv, convert, iter_gates, set_keep_stats
-from ablate.nn import efficient_cru
+from ablate.nn import efficient_cru, efficient_sru
 from ablate.nn.efficient import RECOMPUTE_MIN_BYTES, EfficientCRU, EfficientSRU
 from ablate.nn.efficient_cru import pointwise, pointwise_as_bmm
 from ablate.nn.efficient_sru import normalised, normalised_any_layout
@@ -283,3 +283,14 @@ def test_inductor_compiles_to_the_same_function():
     reference, efficient = pair(16, 16, 1, gate_mode="binary", attention="pairwise")
     compiled = torch.compile(efficient, backend="inductor", fullgraph=True)
     assert_same_function(reference, efficient, large_input(), call=compiled)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("gate_mode", ["reference", "soft", "ste"])
+def test_same_function_with_groupnorm_backward_kernel(gate_mode, memory_format, monkeypatch):
+    # The GPU's SRU backward (PyTorch's GroupNorm backward kernel in place of the closed form), run on the CPU.
+    monkeypatch.setattr(efficient_sru, "GROUP_NORM_BACKWARD_KERNEL_DEVICES", ("cpu", "cuda"))
+    for recompute in ("never", "always"):
+        reference, efficient = pair(16, 16, 1, gate_mode=gate_mode, attention="global", recompute=recompute)
+        x = random_input(16).contiguous(memory_format=memory_format)
+        assert_same_function(reference, efficient, x)

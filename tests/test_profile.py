@@ -10,7 +10,7 @@ from ablate.cli import main
 from ablate.config import ConfigError, ModelConfig, SCConvConfig
 from ablate.models import build_model
 from ablate.nn import SCConv
-from ablate.profile import count_macs, count_params, format_table, profile_rows, saved_activation_bytes
+from ablate.profile import count_macs, count_ops, count_params, format_table, profile_rows, saved_activation_bytes
 
 ROW_KEYS = {"backbone", "order", "preset", "placement", "params", "macs", "image_size", "num_classes"}
 
@@ -156,3 +156,21 @@ def test_saved_activation_bytes_of_scconv_follow_its_recompute():
     ref = saved_activation_bytes(layers["reference"](x).sum(), layers["reference"].parameters())
     assert eff == x.numel() * x.element_size()
     assert ref > 2 * eff
+
+
+def test_count_ops_counts_forward_and_backward_operations_not_views_or_allocations():
+    x = torch.randn(4, 3, requires_grad=True)
+
+    def step():
+        x.grad = None
+        y = x.reshape(12).unsqueeze(0).squeeze(0)  # views: no kernel
+        scratch = torch.empty(5)  # an allocation: no kernel
+        (y * 2).sum().backward()
+        return scratch
+
+    counts = count_ops(step)
+    # forward: mul, sum; backward: ones_like (the seed gradient), mul (sum's expand and the views are views)
+    assert counts == {"mul": 2, "sum": 1, "ones_like": 1}
+    assert count_ops(step) == counts  # deterministic
+    # A reshape that cannot be a view copies, and the copy is counted.
+    assert count_ops(lambda: x.detach().t().reshape(12)) == {"clone": 1}

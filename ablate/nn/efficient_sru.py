@@ -20,6 +20,16 @@ from ablate.nn.sru import SRU
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: Devices whose SRU backward runs PyTorch's GroupNorm backward kernel (on NCHW copies of its inputs) rather
+#: than the closed form of ``_group_norm_backward``. On a GPU a training step of SCConvs is bound by the number
+#: of kernels it launches (benchmarks/README.md, "GPU check": about 20 us each on an H200), and the closed form
+#: is about 17 small operations; the CPU keeps the closed form, which writes into ``dx`` in place.
+GROUP_NORM_BACKWARD_KERNEL_DEVICES = ("cuda",)
+#: Devices whose ``native_group_norm`` takes channels_last inputs without a copy; elsewhere such inputs are
+#: normalised by ``normalised_any_layout``.
+GROUP_NORM_ANY_LAYOUT_DEVICES = ("cpu",)
+
+
 def memory_format(t: Tensor) -> torch.memory_format:
     """channels_last when ``t`` (or the tensor it is a channel slice of) is laid out so, else contiguous."""
     return torch.channels_last if t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1 else torch.contiguous_format
@@ -36,37 +46,34 @@ def normalised(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: flo
     x = x.float() if x.dtype in _LOW_PRECISION else x
     n, c, h, w = x.shape
     # PyTorch's own kernel (one pass for the statistics, one for z) takes any layout on the CPU, NCHW elsewhere.
-    if x.device.type == "cpu" or x.is_contiguous():
+    if x.device.type in GROUP_NORM_ANY_LAYOUT_DEVICES or x.is_contiguous():
         x = x.contiguous(memory_format=memory_format(x))
         return torch.ops.aten.native_group_norm(x, gamma_w, beta_w, n, c, h * w, groups, eps)
     return normalised_any_layout(x, gamma_w, beta_w, groups, eps)
 
 
 def normalised_any_layout(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: float):
-    """``normalised`` without a layout copy of x (channels_last on CUDA): per-channel moments combined by
-    the parallel-variance rule, then z = x * a + b."""
-    n = x.shape[0]
-    var_c, mean_c = torch.var_mean(x, dim=(2, 3), correction=0)
-    mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
-    mean = mean_c.mean(-1)
-    var = var_c.mean(-1) + (mean_c - mean[:, :, None]).square().mean(-1)
-    rstd = torch.rsqrt(var + eps)
+    """``normalised`` without a layout copy of x (channels_last on CUDA): each group's moments in one
+    reduction over a view of x split into (group, channel in group), then z = x * a + b."""
+    var, mean = torch.var_mean(x.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
+    rstd = torch.rsqrt(var.add_(eps))
     a, b = coefficients(mean, rstd, gamma_w, beta_w)
     return torch.addcmul(b, x, a), mean, rstd
 
 
 def coefficients(mean: Tensor, rstd: Tensor, gamma_w: Tensor, beta_w: Tensor) -> tuple[Tensor, Tensor]:
     """a, b of shape (N, C, 1, 1) with GroupNorm(x) * w = x * a + b."""
-    n, c = mean.shape[0], gamma_w.shape[0]
-    a = per_channel(rstd, c) * gamma_w
-    b = beta_w - per_channel(mean, c) * a
+    n, groups = mean.shape
+    c = gamma_w.shape[0]
+    a = per_channel(rstd, gamma_w.view(groups, c // groups))
+    b = beta_w.view(groups, -1) - mean[:, :, None] * a
     return a.view(n, c, 1, 1), b.view(n, c, 1, 1)
 
 
-def per_channel(t: Tensor, channels: int) -> Tensor:
-    """(N, G) per-group values repeated to (N, C)."""
-    n, groups = t.shape
-    return t[:, :, None].expand(n, groups, channels // groups).reshape(n, channels)
+def per_channel(t: Tensor, weight: Tensor) -> Tensor:
+    """(N, G) per-group values times a (G, C/G) per-channel ``weight``, as (N, G, C/G): one broadcast
+    product, where repeating the values to (N, C) first would cost a copy (a kernel launch on a GPU)."""
+    return t[:, :, None] * weight
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -105,7 +112,12 @@ class SRUFunction(torch.autograd.Function):
         xz = _as(x, z.dtype)
         dx, dz = _gate_backward(xz, z, g_a, g_b, gate_mode, threshold)
         d_gamma_w = d_beta_w = None
-        if dz is not None:  # the binary gate passes nothing to the GroupNorm
+        if dz is not None and x.device.type in GROUP_NORM_BACKWARD_KERNEL_DEVICES:
+            n, c, h, w = xz.shape
+            dx_norm, d_gamma_w, d_beta_w = torch.ops.aten.native_group_norm_backward(
+                dz.contiguous(), xz.contiguous(), mean, rstd, gamma_w, n, c, h * w, groups, [True, True, True])
+            dx.add_(dx_norm)
+        elif dz is not None:  # the binary gate passes nothing to the GroupNorm
             d_gamma_w, d_beta_w = _group_norm_backward(xz, dz, dx, mean, rstd, gamma_w, groups)
         return _as(dx, x.dtype), d_gamma_w, d_beta_w, None, None, None, None, None
 
@@ -201,19 +213,22 @@ def _group_norm_backward(x, dz, dx, mean, rstd, gamma_w, groups):
     computes it; ``mean`` and ``rstd`` are per (sample, group). ``dz`` is overwritten.
     """
     n, c = x.shape[:2]
-    mean, rstd = per_channel(mean, c), per_channel(rstd, c)
-    s1 = dz.sum(dim=(2, 3))  # sum of dz
-    dx.addcmul_(dz, (rstd * gamma_w).view(n, c, 1, 1))  # dz/dx at fixed statistics
-    s2 = dz.mul_(x).sum(dim=(2, 3))  # sum of dz * x
+    gamma_g = gamma_w.view(groups, c // groups)
+    s1 = dz.sum(dim=(2, 3)).view(n, groups, -1)  # sum of dz
+    dx.addcmul_(dz, per_channel(rstd, gamma_g).view(n, c, 1, 1))  # dz/dx at fixed statistics
+    s2 = dz.mul_(x).sum(dim=(2, 3)).view(n, groups, -1)  # sum of dz * x
+    mean, rstd = mean[:, :, None], rstd[:, :, None]  # per group, broadcast over its channels
     xhat_dz = (s2 - mean * s1) * rstd  # sum of dz * xhat
     count = (c // groups) * x.shape[2] * x.shape[3]
-    m1 = per_channel((gamma_w * s1).view(n, groups, -1).sum(-1) / count, c)
-    m2 = per_channel((gamma_w * xhat_dz).view(n, groups, -1).sum(-1) / count, c)
-    # The statistics' share, -rstd * (m1 + xhat * m2), as x * c1 + c2.
+    m1 = (gamma_g * s1).sum(-1, keepdim=True) / count
+    m2 = (gamma_g * xhat_dz).sum(-1, keepdim=True) / count
+    # The statistics' share, -rstd * (m1 + xhat * m2), as x * c1 + c2; c1 and c2 are per group.
     c1 = -rstd * rstd * m2
     c2 = rstd * (rstd * m2 * mean - m1)
-    dx.addcmul_(x, c1.view(n, c, 1, 1)).add_(c2.view(n, c, 1, 1))
-    return xhat_dz.sum(0), s1.sum(0)
+    # Channels split into (group, channel in group): a view in any layout, so c1 and c2 broadcast per group.
+    per_group = (n, groups, 1, 1, 1)
+    dx.unflatten(1, (groups, -1)).addcmul_(x.unflatten(1, (groups, -1)), c1.view(per_group)).add_(c2.view(per_group))
+    return xhat_dz.view(n, c).sum(0), s1.view(n, c).sum(0)
 
 
 class EfficientSRU(SRU):
