@@ -72,7 +72,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA a
 
 step() {  # step NAME: one of the steps above, each with its own time limit
     case $1 in
-        equivalence) run equivalence.txt 120 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 8 ;;
+        equivalence) run equivalence.txt 240 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 8 ;;
         resnet50-eager) bench resnet50-eager 75 --backbone resnet50 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
         densenet121-eager)
             bench densenet121-eager 90 --backbone densenet121 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
