@@ -287,6 +287,8 @@ def sharing_problem() -> str | None:
         else:
             fd, _ = storage._share_fd_cpu_()
             os.close(os.dup(fd))
+    except AttributeError:  # a PyTorch without these storage methods: nothing to check with
+        return None
     except (OSError, RuntimeError) as e:
         return f"{type(e).__name__}: {e}"
     return None

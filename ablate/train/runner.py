@@ -160,7 +160,6 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-#: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
 #: Printed when a model with efficient SCConvs is compiled on CUDA: not yet shown to compute the reference's
 #: gradients there (docs/scconv.md, "On a GPU").
 COMPILED_CUDA_WARNING = (
@@ -169,12 +168,12 @@ COMPILED_CUDA_WARNING = (
     "`python benchmarks/equivalence.py --compile 8`, or train with scconv.impl=reference or compile=false")
 
 
-
 def compiled_needs_check(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether compiling ``model`` on ``device`` earns COMPILED_CUDA_WARNING: efficient SCConvs on CUDA."""
     return device.type == "cuda" and any(isinstance(m, (EfficientSRU, EfficientCRU)) for m in model.modules())
 
 
+#: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
 _SENS_EPS_PREFIXES = tuple(f"sens/{kind}/eps_" for kind in SENS_KINDS)
 
 
