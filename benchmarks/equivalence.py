@@ -44,9 +44,9 @@ QUANTITIES = ("output", "input grad", "param grads")
 #: (in, out) channels: in == out takes the CRU's PWC2; in != out fills the output from the squeezed lower path.
 CHANNELS = ((16, 16), (16, 8))
 #: Inductor cases: (order, gate_mode, attention, recompute, channels_last); each compiles forward and backward
-#: once. The first is the one that failed on an H200 (benchmarks/README.md); the next five change one thing
-#: each from it (keep instead of recompute, channels_last, the SRU or the CRU alone, another gate and
-#: attention), so that a failure names its part.
+#: once. The first is the one that failed on an H200 (benchmarks/README.md); the next seven change one or two
+#: things from it (keep instead of recompute, channels_last, the SRU or the CRU alone, other gates, attentions
+#: and orders), so that the pattern of failures names the part (benchmarks/README.md says how to read it).
 COMPILE_CASES = (("sru_cru", "binary", "pairwise", "always", False), ("sru_cru", "binary", "pairwise", "never", False),
                  ("sru_cru", "binary", "pairwise", "always", True), ("sru", "binary", "pairwise", "always", False),
                  ("cru", "binary", "pairwise", "always", False), ("sru_cru", "soft", "global", "always", False),
