@@ -18,11 +18,15 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   (``ablate.profile.saved_activation_bytes``, once per storage, parameters left out), measured on one more
   forward after the timed steps. Unlike the peak it leaves out the runtime, the model, the optimizer and,
   when compiled on the CPU, the compiler's own resident state, which grows with the graph.
+- ``ops`` (eager runs): the operations one training step dispatches (``ablate.profile.count_ops``, counted
+  on one more step after the timed ones). On a GPU each is a kernel launch, and at small sizes the step
+  costs about a fixed time per operation, so ``ops_ratio`` predicts a GPU's eager time ratio where the
+  MAC ratio does not (benchmarks/README.md, "Operations per step"). None when compiled.
 - ``recompute`` (the efficient implementation's ``scconv.recompute`` policy; with several policies, one
   efficient row each, in the same interleaved rounds) and ``recomputed``: how many of its SCConvs recompute
   their body in backward, per round (``auto`` plans in each round's process, from measured cost, before its
   warm-up; compiled runs keep the ``size`` rule).
-- ``time_ratio``, ``memory_ratio``, ``saved_ratio`` and ``macs_ratio``: against the baseline (order ``none``) of the same
+- ``time_ratio``, ``memory_ratio``, ``saved_ratio``, ``macs_ratio`` and ``ops_ratio``: against the baseline (order ``none``) of the same
   invocation. ``macs_ratio`` is the floor a time ratio could reach if every MAC cost the same.
 """
 
@@ -143,6 +147,7 @@ def summarise(cfg: BenchConfig, rounds: dict[tuple[str, str | None], list[dict]]
             "saved_mb": max(r["saved_mb"] for r in results),
             "compile_seconds": statistics.median(_compile_seconds(r) for r in results) if cfg.compile else None,
             "macs": results[0]["macs"],
+            "ops": results[0].get("ops"),
             "recompute": policy,
             "recomputed": _recomputed(results),
             "amp": cfg.amp,
@@ -158,6 +163,7 @@ def summarise(cfg: BenchConfig, rounds: dict[tuple[str, str | None], list[dict]]
         row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"]
         row["saved_ratio"] = row["saved_mb"] / base["saved_mb"]
         row["macs_ratio"] = row["macs"] / base["macs"]
+        row["ops_ratio"] = row["ops"] / base["ops"] if row["ops"] and base["ops"] else None
     return rows
 
 
@@ -201,7 +207,7 @@ def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
 
     from ablate.config import ModelConfig, SCConvConfig
     from ablate.models import build_model
-    from ablate.profile import count_macs, saved_activation_bytes
+    from ablate.profile import count_macs, count_ops, saved_activation_bytes
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -255,8 +261,9 @@ def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
         times.append(time.perf_counter() - start)
     peak = memory.read_mb()
     saved = saved_activation_bytes(forward(), model.parameters()) / 2**20
+    ops = None if cfg.compile else sum(count_ops(step).values())  # compiled kernels bypass the dispatcher
     return {"step_times": times, "warmup_times": warmup_times, "peak_memory_mb": peak, "saved_mb": saved,
-            "macs": macs, "threads": torch.get_num_threads(), "recomputed": recomputed}
+            "macs": macs, "ops": ops, "threads": torch.get_num_threads(), "recomputed": recomputed}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -268,7 +275,8 @@ _COLUMNS = [
     ("compile s", "compile_seconds", lambda v: "-" if v is None else f"{v:.0f}"),
     ("step s", "step_seconds", lambda v: f"{v:.4f}"),
     ("peak MB", "peak_memory_mb", lambda v: f"{v:.0f}"), ("time x", "time_ratio", lambda v: f"{v:.3f}"),
-    ("MACs x", "macs_ratio", lambda v: f"{v:.3f}"), ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
+    ("MACs x", "macs_ratio", lambda v: f"{v:.3f}"), ("ops x", "ops_ratio", lambda v: "-" if v is None else f"{v:.2f}"),
+    ("memory x", "memory_ratio", lambda v: f"{v:.3f}"),
     ("saved MB", "saved_mb", lambda v: f"{v:.0f}"), ("saved x", "saved_ratio", lambda v: f"{v:.3f}"),
     ("recompute", "recompute", lambda v: v or "-"), ("recomputed", "recomputed", lambda v: v or "-"),
 ]
@@ -278,7 +286,7 @@ _FIRST_NUMERIC = 8  # "compile s" on: right-aligned
 def format_table(rows: list[dict]) -> str:
     """An aligned text table of bench rows (from one or several invocations)."""
     headers = [h for h, _, _ in _COLUMNS]
-    body = [[fmt(row[key]) for _, key, fmt in _COLUMNS] for row in rows]
+    body = [[fmt(row.get(key)) for _, key, fmt in _COLUMNS] for row in rows]  # older rows may lack ops
     return table.format_table(headers, body, right_from=_FIRST_NUMERIC)
 
 

@@ -11,7 +11,8 @@ from ablate.cli import main
 from ablate.config import ConfigError
 
 ROW_KEYS = {"impl", "backbone", "batch_size", "image_size", "device", "step_seconds", "peak_memory_mb",
-            "time_ratio", "memory_ratio", "macs_ratio", "compiled", "compile_seconds", "saved_mb", "saved_ratio"}
+            "time_ratio", "memory_ratio", "macs_ratio", "compiled", "compile_seconds", "saved_mb", "saved_ratio", "ops",
+            "ops_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,15 @@ def test_macs_ratio_is_the_profiled_ratio(bench_rows):
         assert by_impl[impl]["macs_ratio"] < 1.0
 
 
+def test_ops_count_each_step_and_an_scconv_step_dispatches_more(bench_rows):
+    # The GPU-relevant cost: each SCConv runs dozens of operations where its conv ran three.
+    by_impl = {row["impl"]: row for row in bench_rows}
+    assert by_impl["baseline"]["ops"] > 0 and by_impl["baseline"]["ops_ratio"] == 1.0
+    for impl in ("reference", "efficient"):
+        assert by_impl[impl]["ops_ratio"] == pytest.approx(by_impl[impl]["ops"] / by_impl["baseline"]["ops"])
+        assert by_impl[impl]["ops_ratio"] > 2
+
+
 def test_ratios_are_against_the_baseline(bench_rows):
     base = bench_rows[0]
     assert base["time_ratio"] == 1.0 and base["memory_ratio"] == 1.0
@@ -91,6 +101,7 @@ def test_summary_pools_step_times_and_takes_the_largest_peak():
     assert (eff["saved_mb"], eff["saved_ratio"]) == (30.0, pytest.approx(0.75))
     assert (eff["recompute"], eff["recomputed"]) == ("auto", "5/9,3/9")  # each round plans its own
     assert (base["recompute"], base["recomputed"]) == (None, None)
+    assert eff["ops"] is None and eff["ops_ratio"] is None  # compiled: kernels bypass the dispatcher
     # Warm-up beyond two steady steps per round: 53 - 2 * 2 and 53 - 2 * 5.5 for the baseline, median 45.5.
     assert base["compile_seconds"] == pytest.approx(45.5)
     assert eff["compile_seconds"] == pytest.approx((53 - 2 * 1.25 + 53 - 2 * 0.75) / 2)
