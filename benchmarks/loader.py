@@ -132,6 +132,7 @@ def training_rate(backbone: str, batch_size: int, image_size: int, device, amp: 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from ablate.data.datasets import sharing_problem
     from ablate.device import available_cpus, resolve_device
     from ablate.table import format_table
 
@@ -150,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if "gpu" in args.decode and device.type != "cuda":
         print("loader: --decode gpu needs CUDA (nvJPEG); this machine has none", file=sys.stderr)
+        return 2
+
+    if any(w > 0 for w in args.workers) and (problem := sharing_problem()) is not None:
+        print(f"loader: worker processes cannot share batches with this process here ({problem}), so every "
+              f"worker count would load in process; measure with --workers 0", file=sys.stderr)
         return 2
 
     rows, model_rates = [], {}
