@@ -1,21 +1,13 @@
 """benchmarks/equivalence.py, the GPU check of the efficient SCConv against the reference, run here on the CPU."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from ablate.nn import efficient_cru
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "equivalence.py"
-
 
 @pytest.fixture(scope="module")
-def equivalence():
-    spec = importlib.util.spec_from_file_location("equivalence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def equivalence(benchmark_script):
+    return benchmark_script("equivalence")
 
 
 def test_passes_on_the_efficient_implementation(equivalence, capsys):

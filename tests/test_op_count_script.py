@@ -1,21 +1,13 @@
 """benchmarks/op_count.py: the operations per SCConv step that set its time on a GPU, counted on the CPU."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from ablate.nn import efficient_sru
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "op_count.py"
-
 
 @pytest.fixture(scope="module")
-def op_count():
-    spec = importlib.util.spec_from_file_location("op_count", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def op_count(benchmark_script):
+    return benchmark_script("op_count")
 
 
 def test_efficient_layer_dispatches_at_most_a_third_more_than_the_reference_on_the_gpu_path(op_count):
