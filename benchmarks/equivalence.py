@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import math
 import sys
 from dataclasses import replace
 
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
             finally:
                 if kwargs.get("compiled"):
                     torch._dynamo.reset()
+            if not all(math.isfinite(v) for v in errors.values()):  # max() would pass a NaN by
+                error = f"{case}: an error is not finite ({errors})"
+                continue
             for key in QUANTITIES:
                 worst[key] = max(worst[key], errors[key])
                 if reference_errors is None:

@@ -31,6 +31,13 @@ def test_fails_when_the_efficient_implementation_computes_something_else(equival
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_a_nan_never_passes(equivalence, monkeypatch, capsys):
+    real = efficient_cru.pointwise
+    monkeypatch.setattr(efficient_cru, "pointwise", lambda conv, x: real(conv, x) * float("nan"))
+    assert equivalence.main(["--device", "cpu", "--orders", "cru"]) == 1
+    assert "not finite" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, field", [(["--orders", "sru,diagonal"], "'diagonal'"),
                                          (["--device", "tpu"], "'tpu'")])
 def test_bad_arguments_exit_2_naming_the_value(equivalence, capsys, argv, field):
