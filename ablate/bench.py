@@ -19,9 +19,10 @@ forward, backward and an SGD step on one fixed random batch. Per implementation:
   forward after the timed steps. Unlike the peak it leaves out the runtime, the model, the optimizer and,
   when compiled on the CPU, the compiler's own resident state, which grows with the graph.
 - ``ops`` (eager runs): the operations one training step dispatches (``ablate.profile.count_ops``, counted
-  on one more step after the timed ones). On a GPU each is a kernel launch, and at small sizes the step
-  costs about a fixed time per operation, so ``ops_ratio`` predicts a GPU's eager time ratio where the
-  MAC ratio does not (benchmarks/README.md, "Operations per step"). None when compiled.
+  on one more step after the timed ones), on the code path of the device it runs on. On a GPU each is a
+  kernel launch, and at small sizes the step costs about a fixed time per operation, so there
+  ``ops_ratio`` follows the eager time ratio where the MAC ratio does not (benchmarks/README.md,
+  "Operations per step"). None when compiled.
 - ``recompute`` (the efficient implementation's ``scconv.recompute`` policy; with several policies, one
   efficient row each, in the same interleaved rounds) and ``recomputed``: how many of its SCConvs recompute
   their body in backward, per round (``auto`` plans in each round's process, from measured cost, before its
