@@ -97,8 +97,9 @@ def relative_errors(got: list, want: list, names: list[str]) -> dict[str, float]
 
 def _worst(errors: dict[str, float]) -> dict[str, float]:
     """Output, input gradient and the largest parameter gradient error."""
-    params = [e for n, e in errors.items() if n not in ("output", "input grad")]
-    return {"output": errors["output"], "input grad": errors["input grad"], "param grads": max(params, default=0.0)}
+    output, input_grad, params = QUANTITIES
+    return {output: errors[output], input_grad: errors[input_grad],
+            params: max((e for n, e in errors.items() if n not in (output, input_grad)), default=0.0)}
 
 
 def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels, *, recompute="never",
@@ -117,7 +118,7 @@ def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels
         shape = reference(x).shape
     upstream = torch.randn(shape, generator=generator).to(device)
     call = torch.compile(efficient, backend="inductor", fullgraph=True) if compiled else None
-    names = ["output", "input grad"] + [n for n, _ in efficient.named_parameters()]
+    names = [*QUANTITIES[:2]] + [n for n, _ in efficient.named_parameters()]
     want = forward_backward(reference, x, upstream, amp)
     got = forward_backward(efficient, x, upstream, amp, call)
     if not amp:

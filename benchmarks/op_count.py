@@ -30,6 +30,7 @@ from ablate.models import build_model, list_models
 from ablate.nn import SCConv
 from ablate.nn import efficient_sru
 from ablate.profile import count_ops
+from ablate.table import format_table
 
 #: (gate mode, attention) pairs: the two presets' (paper, reference) and the other two gate modes.
 GATES = (("binary", "pairwise"), ("reference", "global"), ("soft", "global"), ("ste", "pairwise"))
@@ -104,14 +105,6 @@ def model_rows(backbones: list[str]) -> list[list[str]]:
     return rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50,densenet121", help="comma-separated backbones for the step table")
@@ -125,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(1)
     print("operations per forward + backward of one SCConv (64 -> 64 channels); ratio to the reference")
-    print(table(["gate / attention", "path"] + [name for name, _, _ in IMPLS], layer_rows()))
+    print(format_table(["gate / attention", "path"] + [name for name, _, _ in IMPLS], layer_rows()))
     if not args.no_models:
         print("\noperations per training step (forward + backward); ratio to the baseline")
-        print(table(["backbone", "path", "baseline", "reference", "efficient keep", "efficient recompute"],
+        print(format_table(["backbone", "path", "baseline", "reference", "efficient keep", "efficient recompute"],
                     model_rows(backbones)))
     return 0
 
