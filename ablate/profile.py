@@ -121,12 +121,14 @@ def saved_activation_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]
     ``torch.compile``d model (one node that saves what the compiler chose to keep).
     """
     seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total, visited, stack = 0, set(), [output.grad_fn]
+    # A node's Python object lives only while referenced (torch makes one on access, and a new one once it
+    # died), so a dropped node's id can come back as another node's: keep every visited node alive.
+    total, visited, stack = 0, {}, [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
             continue
-        visited.add(id(node))
+        visited[id(node)] = node
         for t in _saved_tensors(node):
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
