@@ -22,6 +22,7 @@ REPORT_BEST_VARIANT_TAG = "ablate.report.best_variant"  #: the variant with the 
 PARENT_RUN_TAG = "mlflow.parentRunId"  #: MLflow's own: nests a trial's run under its study's run
 RESUMED_FROM_RUN_TAG = "ablate.resumed_from_run"  #: the run whose checkpoint a run continued (a retried trial)
 RESUMED_FROM_EPOCH_TAG = "ablate.resumed_from_epoch"  #: the first epoch a run trained after restoring a checkpoint
+COMPILE_CHECK_TAG = "ablate.compile_check"  #: the outcome of a compiled CUDA run's SCConv check (``ablate.nn.compile_check``)
 
 # -- Optuna, mirrored as run tags ---------------------------------------------------------------------------
 OPTUNA_STUDY_TAG = "optuna.study"  #: the study a run belongs to

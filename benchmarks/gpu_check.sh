@@ -3,7 +3,9 @@
 #
 # 1. benchmarks/equivalence.py: the efficient SCConv against the reference on CUDA (every order x gate mode x
 #    attention x gamma norm; float32 without TF32, NCHW and channels_last, kept and recomputed; bf16 autocast;
-#    eight inductor fullgraph cases, which vary one thing each from a case that failed on an H200).
+#    eight inductor fullgraph cases, which vary one thing each from a case that failed on an H200). Then
+#    compile-check: what compiled training on CUDA checks before its first step (ablate.nn.compile_check),
+#    on ResNet-50's SCConvs with channels_last inputs, as training runs them.
 # 2. `ablate bench` on CUDA at 224x224, batch 64, bf16 autocast, ResNet-50 and DenseNet-121, eager (baseline,
 #    reference, efficient with scconv.recompute auto; one round of 20 steps: a GPU step varies far less than
 #    a CPU one).
@@ -19,7 +21,7 @@
 #
 #     benchmarks/gpu_check.sh [STEP...]      (default: every step, in the order above; about 25 minutes)
 #
-# STEP: equivalence, resnet50-eager, densenet121-eager, resnet50-memory128, loader, resnet50-compile,
+# STEP: equivalence, compile-check, resnet50-eager, densenet121-eager, resnet50-memory128, loader, resnet50-compile,
 # densenet121-compile. On an H200 (2026-12-04) the first four took 3 minutes together (with one inductor case);
 # the loader hung, and the two compiled benches did not finish in 2 and 4 minutes: give each compiled bench a
 # call of its own (their limits are 5 and 10 minutes).
@@ -27,7 +29,7 @@
 # the python on PATH with this checkout on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STEPS=(equivalence resnet50-eager densenet121-eager resnet50-memory128 loader resnet50-compile densenet121-compile)
+ALL_STEPS=(equivalence compile-check resnet50-eager densenet121-eager resnet50-memory128 loader resnet50-compile densenet121-compile)
 for name in "$@"; do
     if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
         echo "gpu_check: STEP '$name' is not a step; accepted: ${ALL_STEPS[*]}" >&2
@@ -73,6 +75,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `ablate bench` invocation on CUDA a
 step() {  # step NAME: one of the steps above, each with its own time limit
     case $1 in
         equivalence) run equivalence.txt 240 "$PY" benchmarks/equivalence.py --device cuda --bf16 --compile 8 ;;
+        compile-check) run compile-check.txt 240 "$PY" -m ablate.nn.compile_check --backbone resnet50 --device cuda ;;
         resnet50-eager) bench resnet50-eager 75 --backbone resnet50 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
         densenet121-eager)
             bench densenet121-eager 90 --backbone densenet121 --batch-size 64 --steps 20 --warmup 3 --repeats 1 ;;
@@ -92,6 +95,8 @@ for name in "${@:-${ALL_STEPS[@]}}"; do
 done
 
 cat "$OUT/equivalence.txt" 2>/dev/null || echo "the equivalence check did not run"
+echo
+cat "$OUT/compile-check.txt" 2>/dev/null || echo "the compile check did not run"
 echo
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys

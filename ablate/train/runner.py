@@ -26,8 +26,8 @@ from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.errors import CheckpointError
 from ablate.nn.efficient import EfficientCRU, EfficientSRU
 from ablate.names import (
-    CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG, FAILURE_TAG,
-    GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
+    CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_CHECK_TAG, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG,
+    FAILURE_TAG, GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
     PREDICTIONS_ARTIFACT, RECOMPUTE_PLAN_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS,
     SUMMARY_METRICS, SUMMARY_PREFIX, VARIANT_TAG, GateKey,
 )
@@ -160,16 +160,9 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-#: Printed when a model with efficient SCConvs is compiled on CUDA: not yet shown to compute the reference's
-#: gradients there (docs/scconv.md, "On a GPU").
-COMPILED_CUDA_WARNING = (
-    "ablate: warning: the efficient SCConv under torch.compile on CUDA gave a wrong input gradient in one of "
-    "benchmarks/equivalence.py's cases on an H200 (torch 2.11); before trusting this run, check this GPU with "
-    "`python benchmarks/equivalence.py --compile 8`, or train with scconv.impl=reference or compile=false")
-
-
 def compiled_needs_check(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether compiling ``model`` on ``device`` earns COMPILED_CUDA_WARNING: efficient SCConvs on CUDA."""
+    """Whether compiled training of ``model`` on ``device`` first checks its SCConvs (``ablate.nn.compile_check``):
+    efficient SCConvs on CUDA, where inductor once got one wrong (docs/scconv.md, "On a GPU")."""
     return device.type == "cuda" and any(isinstance(m, (EfficientSRU, EfficientCRU)) for m in model.modules())
 
 
@@ -415,7 +408,9 @@ class _Trainer:
         bar = tqdm(range(self.start_epoch, t.epochs), initial=self.start_epoch, total=t.epochs, unit="epoch",
                    desc=self.cfg.label(), disable=not self.progress, dynamic_ncols=True)
         self.feed.last_save = time.monotonic()
-        if self.start_epoch < t.epochs and not t.compile:
+        if self.start_epoch < t.epochs and t.compile and compiled_needs_check(self.model, self.device):
+            self.check_compiled()
+        if self.start_epoch < t.epochs and self.step_model is self.model:
             self.plan_recompute()
         for epoch in bar:
             # Reseeding the data order per epoch makes a resumed run see the same batches as an uninterrupted one.
@@ -424,12 +419,10 @@ class _Trainer:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             skip = self.feed.begin(epoch, steps)
-            compiling = t.compile and epoch == self.start_epoch
+            compiling = self.step_model is not self.model and epoch == self.start_epoch
             if compiling:
                 print("ablate: compiling the model (torch.compile): the first training step takes minutes on a CPU",
                       file=sys.stderr, flush=True)
-                if compiled_needs_check(self.model, self.device):
-                    print(COMPILED_CUDA_WARNING, file=sys.stderr, flush=True)
             with tqdm(total=steps, initial=skip, unit="step", leave=False, disable=not self.progress,
                       dynamic_ncols=True) as inner, self.feed.counting():
                 train_loss, train_acc = train_one_epoch(
@@ -485,6 +478,29 @@ class _Trainer:
         if self.progress:
             print(f"ablate: recompute plan: {plan.summary()}", file=sys.stderr, flush=True)
         _log_json(self.run, plan.to_dict(), RECOMPUTE_PLAN_ARTIFACT)
+
+    def check_compiled(self) -> None:
+        """Check the compiled efficient SCConvs against eager mode on this device; where one is wrong (or the check
+        cannot compile), train eager, say so in one line and tag the run."""
+        from ablate.nn.compile_check import check_compiled_scconvs
+
+        print("ablate: checking the compiled efficient SCConv against eager mode on this device (one layer of each "
+              "kind, compiled; a minute or two)", file=sys.stderr, flush=True)
+        try:
+            results = check_compiled_scconvs(self.model, self.device, self.channels_last)
+            failed = next((r.describe() for r in results if not r.passed), None)
+        except Exception as exc:  # the layer's compilation itself failed: the model's would too
+            results, failed = [], f"the check's compilation raised {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if failed is None:
+            worst = max(r.worst[1] for r in results)
+            outcome = f"passed: {len(results)} cases, largest relative error {worst:.1e}"
+            print(f"ablate: compiled SCConv check {outcome}", file=sys.stderr, flush=True)
+        else:
+            self.step_model = self.model
+            outcome = f"failed: {failed}; trained eager"
+            print(f"ablate: warning: torch.compile got the efficient SCConv wrong on this device ({failed}); this run "
+                  "trains eager. To compile, train with scconv.impl=reference", file=sys.stderr, flush=True)
+        self.run.set_tags({COMPILE_CHECK_TAG: outcome})
 
     def _compiled(self, epoch: int, seconds: float) -> None:
         """The first compiled step is done: say so and log its time as the compile time."""
