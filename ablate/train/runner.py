@@ -484,8 +484,8 @@ class _Trainer:
         cannot compile), train eager, say so in one line and tag the run."""
         from ablate.nn.compile_check import check_compiled_scconvs
 
-        print("ablate: checking the compiled efficient SCConv against eager mode on this device (one layer of each "
-              "kind, compiled; a minute or two)", file=sys.stderr, flush=True)
+        print("ablate: checking the compiled efficient SCConv against eager mode on this device (one small layer of "
+              "each kind, kept and recomputed: a compilation each)", file=sys.stderr, flush=True)
         try:
             results = check_compiled_scconvs(self.model, self.device, self.channels_last)
             failed = next((r.describe() for r in results if not r.passed), None)
