@@ -33,6 +33,7 @@ import torch
 
 from ablate.config import ATTENTIONS, GAMMA_NORMS, GATE_MODES, ORDERS, SCConvConfig
 from ablate.nn import SRU, SCConv
+from ablate.nn.compile_check import forward_backward, relative_error
 
 FLOAT32_BOUND = 1e-5
 #: bf16: each implementation against the reference in float64, case by case and quantity by quantity; the
@@ -71,27 +72,14 @@ def pair(in_channels: int, out_channels: int, stride: int, device: torch.device,
     return reference.to(device), efficient.to(device)
 
 
-def forward_backward(model, x, upstream, amp: bool, call=None):
-    """Output, input gradient and parameter gradients (None where autograd gives none) of one step."""
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        y = (model if call is None else call)(x)
-    y.backward(upstream.to(y.dtype))
-    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
-
-
 def relative_errors(got: list, want: list, names: list[str]) -> dict[str, float]:
     """|got - want| / |want| per quantity in float64 (0 where both are zero); a one-sided None is an error."""
     errors = {}
     for name, a, b in zip(names, got, want):
         if (a is None) != (b is None):
             raise AssertionError(f"{name}: gradient is None on one side only")
-        if a is None:
-            continue
-        a, b = a.double(), b.double()
-        norm = float(b.norm())
-        errors[name] = float((a - b).norm()) / norm if norm > 0 else float((a - b).norm())
+        if a is not None:
+            errors[name] = relative_error(a, b)
     return errors
 
 
@@ -119,11 +107,11 @@ def check_case(device, order, gate_mode, attention, gamma_norm, stride, channels
     upstream = torch.randn(shape, generator=generator).to(device)
     call = torch.compile(efficient, backend="inductor", fullgraph=True) if compiled else None
     names = [*QUANTITIES[:2]] + [n for n, _ in efficient.named_parameters()]
-    want = forward_backward(reference, x, upstream, amp)
-    got = forward_backward(efficient, x, upstream, amp, call)
+    want = forward_backward(reference, x, upstream, amp=amp)
+    got = forward_backward(efficient, x, upstream, call, amp=amp)
     if not amp:
         return _worst(relative_errors(got, want, names)), None
-    truth = forward_backward(copy.deepcopy(reference).double(), x.double(), upstream.double(), False)
+    truth = forward_backward(copy.deepcopy(reference).double(), x.double(), upstream.double())
     return _worst(relative_errors(got, truth, names)), _worst(relative_errors(want, truth, names))
 
 

@@ -67,15 +67,21 @@ def cases(model: nn.Module) -> list[tuple[str, SCConv, bool]]:
     return out
 
 
-def _step(layer: nn.Module, call: Callable, x: torch.Tensor, upstream: torch.Tensor) -> list:
+def forward_backward(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor, call: Callable | None = None,
+                     amp: bool = False) -> list:
+    """Output, input gradient and parameter gradients (None where autograd gives none) of one step of ``call``
+    (default: ``layer`` itself) on a leaf copy of ``x``, under bf16 autocast with ``amp``."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
-    y = call(x)
-    y.backward(upstream)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        y = (layer if call is None else call)(x)
+    y.backward(upstream.to(y.dtype))
     return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
 
 
-def _relative(got, want) -> float:
+def relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+    """|got - want| / |want| in float64 (the absolute difference where ``want`` is zero); 0 where both are None,
+    ``inf`` where one is."""
     if got is None or want is None:
         return 0.0 if got is None and want is None else math.inf
     got, want = got.double(), want.double()
@@ -103,10 +109,10 @@ def check_case(layer: SCConv, recompute: bool, device: torch.device, channels_la
     with torch.no_grad():
         shape = eager(x).shape
     upstream = torch.randn(shape, generator=generator).to(device)
-    want = _step(eager, eager, x, upstream)
-    got = _step(compiled_layer, (compile_fn or torch.compile)(compiled_layer), x, upstream)
+    want = forward_backward(eager, x, upstream)
+    got = forward_backward(compiled_layer, x, upstream, (compile_fn or torch.compile)(compiled_layer))
     names = ["output", "input gradient"] + [f"gradient of {n}" for n, _ in compiled_layer.named_parameters()]
-    return CaseResult(name, {n: _relative(g, w) for n, g, w in zip(names, got, want)})
+    return CaseResult(name, {n: relative_error(g, w) for n, g, w in zip(names, got, want)})
 
 
 def check_compiled_scconvs(model: nn.Module, device: torch.device, channels_last: bool,
