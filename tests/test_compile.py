@@ -108,13 +108,20 @@ def test_compile_check_takes_one_layer_of_each_kind():
     assert all(m.planned_recompute is None for m in model.modules() if isinstance(m, SCConv))
 
 
-@pytest.mark.parametrize("faithful", [True, False])
-def test_compiled_training_where_the_check_fails_trains_eager_and_says_so(tracking_uri, monkeypatch, capsys, faithful):
+def _raise(*args, **kwargs):
+    raise RuntimeError("no compiler here\nsecond line")
+
+
+@pytest.mark.parametrize("case", ["faithful", "wrong", "raises"])
+def test_compiled_training_where_the_check_fails_trains_eager_and_says_so(tracking_uri, monkeypatch, capsys, case):
     monkeypatch.setattr(runner, "compiled_needs_check", lambda model, device: True)  # as on CUDA
+    faithful = case == "faithful"
     if faithful:
         _compiled_with(monkeypatch, "aot_eager")
     else:
         monkeypatch.setattr(torch, "compile", lambda model, **kw: _ZeroInputGrad(model))
+    if case == "raises":
+        monkeypatch.setattr(compile_check, "check_compiled_scconvs", _raise)
     result = _train(tracking_uri, compile="true")
     assert result.status == "FINISHED"
     err = capsys.readouterr().err
@@ -123,8 +130,9 @@ def test_compiled_training_where_the_check_fails_trains_eager_and_says_so(tracki
         assert tag.startswith("passed: 2 cases") and "compiled SCConv check passed" in err
         assert "ablate: compiling the model" in err
     else:
-        assert tag.startswith("failed: ") and "input gradient" in tag and tag.endswith("trained eager")
-        warning = [line for line in err.splitlines() if "got the efficient SCConv wrong" in line]
+        want = "input gradient off by" if case == "wrong" else "raised RuntimeError: no compiler here;"
+        assert tag.startswith("failed: ") and want in tag and tag.endswith("trained eager")
+        warning = [line for line in err.splitlines() if "failed its check on this device" in line]
         assert len(warning) == 1 and "scconv.impl=reference" in warning[0]
         assert "ablate: compiling the model" not in err  # the steps ran eager
         assert not MlflowClient(tracking_uri).get_metric_history(result.run_id, COMPILE_SECONDS_METRIC)
