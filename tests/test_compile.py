@@ -154,3 +154,10 @@ def test_compile_check_command_prints_each_case_and_fails_on_bad_input(capsys):
         assert compile_check.main(argv + ["--device", "cpu"]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and needle in captured.err
+
+
+@pytest.mark.slow
+def test_inductor_passes_the_compile_check_on_the_cpu(capsys):
+    # what a compiled CUDA run checks, with the real compiler on this CPU (benchmarks/README.md: all cases pass here)
+    assert compile_check.main(["--backbone", "resnet20", "--device", "cpu", "--nchw"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 of 2 cases within 0.01"
