@@ -24,13 +24,13 @@ from ablate import track
 from ablate.config import ConfigError, RunConfig
 from ablate.device import PeakMemory, device_name, resolve_device
 from ablate.errors import CheckpointError
-from ablate.nn.efficient import EfficientCRU, EfficientSRU
 from ablate.names import (
     CHECKPOINT_DIR, CHECKPOINT_NAME, COMPILE_CHECK_TAG, COMPILE_SECONDS_METRIC, CONFIG_ARTIFACT, DEVICE_TAG,
     FAILURE_TAG, GATE_HEATMAP_ARTIFACT, GATE_STATS_ARTIFACT, GATE_STATS_COLUMNS, HISTORY_ARTIFACT, OPTUNA_STATE_TAG,
     PREDICTIONS_ARTIFACT, RECOMPUTE_PLAN_ARTIFACT, RESUMED_FROM_EPOCH_TAG, RESUMED_FROM_RUN_TAG, SENS_KINDS,
     SUMMARY_METRICS, SUMMARY_PREFIX, VARIANT_TAG, GateKey,
 )
+from ablate.nn.compile_check import cases as compile_check_cases
 from ablate.train.checkpoint import (
     RESUME_KEYS, check_matches, checkpoint_config, fetch_checkpoint, load_weights, rng_state, save_checkpoint,
     set_rng_state,
@@ -163,7 +163,7 @@ def _build(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 def compiled_needs_check(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether compiled training of ``model`` on ``device`` first checks its SCConvs (``ablate.nn.compile_check``):
     efficient SCConvs on CUDA, where inductor once got one wrong (docs/scconv.md, "On a GPU")."""
-    return device.type == "cuda" and any(isinstance(m, (EfficientSRU, EfficientCRU)) for m in model.modules())
+    return device.type == "cuda" and bool(compile_check_cases(model))
 
 
 #: Per-eps sensitivities stay history.csv columns: eight series per run that only the report's sensitivity reads.
