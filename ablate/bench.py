@@ -201,24 +201,21 @@ def _run_worker(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
 # -- the worker: one implementation, one round -----------------------------------------------------
 
 
-def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
-    """Build the model for ``impl`` (the efficient one with recompute ``policy``, default auto), warm up, then
-    time ``cfg.steps`` train steps and take their peak memory."""
+def training_step(cfg: BenchConfig, impl: str, policy: str | None = None):
+    """The model of ``impl`` (the efficient one with recompute ``policy``, default auto) and its training step
+    as the bench times it: ``(model, x, forward, step)``, ``forward()`` the loss of the fixed batch ``x`` and
+    ``step()`` forward, backward and an SGD step with momentum. ``cfg`` resolved."""
     import torch
 
     from ablate.config import ModelConfig, SCConvConfig
     from ablate.models import build_model
-    from ablate.profile import count_macs, count_ops, saved_activation_bytes
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     order, impl_name = IMPLS[impl]
     model_cfg = ModelConfig(backbone=cfg.backbone, num_classes=cfg.num_classes,
                             scconv=SCConvConfig(order=order, impl=impl_name, recompute=policy or "auto"))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(model_cfg, seed=0).to(device, memory_format=fmt).train()
-    macs = count_macs(model, cfg.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_model = torch.compile(model) if cfg.compile else model
     generator = torch.Generator().manual_seed(0)
@@ -234,6 +231,22 @@ def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
     def step() -> None:
         forward().backward()
         optimizer.step()
+
+    return model, x, forward, step
+
+
+def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
+    """Build the model for ``impl`` (the efficient one with recompute ``policy``, default auto), warm up, then
+    time ``cfg.steps`` train steps and take their peak memory."""
+    import torch
+
+    from ablate.profile import count_macs, count_ops, saved_activation_bytes
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model, x, forward, step = training_step(cfg, impl, policy)
+    macs = count_macs(model, cfg.image_size)
 
     recomputed = None
     if not cfg.compile:  # as training does: plan once, before the first step

@@ -1,7 +1,7 @@
 """Where a training step's time goes: the operations of the baseline and the SCConv step side by side.
 
-``ablate bench`` says how long a step takes; this says on what. For each implementation it builds the
-model as ``ablate bench`` does (batch, image size, 1000 classes, SGD with momentum), runs ``--warmup``
+``ablate bench`` says how long a step takes; this says on what. For each implementation it builds
+``ablate bench``'s training step on the CPU (``ablate.bench.training_step``), runs ``--warmup``
 steps (with ``--compile``: inductor compiles in the first), then profiles ``--steps`` more with
 ``torch.profiler`` and prints the self CPU time per step of the operations that cost most, one column per
 implementation, and the convolution work (convs, their backward, and the CRU's 1x1 convs run as batched
@@ -25,9 +25,9 @@ import sys
 
 import torch
 
-from ablate.bench import IMPLS
-from ablate.config import RECOMPUTE_POLICIES, ModelConfig, SCConvConfig
-from ablate.models import build_model, list_models
+from ablate.bench import IMPLS, BenchConfig, training_step
+from ablate.errors import ConfigError, check
+from ablate.models import list_models
 from ablate.table import format_table
 
 #: The ATen operations that are convolution work: what SCConv saves MACs on.
@@ -35,30 +35,15 @@ CONV_OPS = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::bmm
             "aten::cudnn_convolution", "aten::convolution_overrideable")
 
 
-def profile_step(backbone: str, impl: str, *, compile: bool = False, recompute: str = "never",
-                 batch_size: int = 16, image_size: int = 112, warmup: int = 3, steps: int = 3) -> dict[str, float]:
-    """Self CPU ms per step of every operation of ``impl``'s training step, by name."""
-    order, impl_name = IMPLS[impl]
-    cfg = ModelConfig(backbone=backbone, num_classes=1000,
-                      scconv=SCConvConfig(order=order, impl=impl_name, recompute=recompute))
-    model = build_model(cfg, seed=0).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step_model = torch.compile(model) if compile else model
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-    y = torch.randint(0, 1000, (batch_size,), generator=generator)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(step_model(x), y).backward()
-        optimizer.step()
-
-    for _ in range(warmup):
+def profile_step(cfg: BenchConfig, impl: str, policy: str) -> dict[str, float]:
+    """Self CPU ms per step of every operation of ``impl``'s training step (``ablate bench``'s), by name."""
+    _, _, _, step = training_step(cfg, impl, policy)
+    for _ in range(cfg.warmup):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+        for _ in range(cfg.steps):
             step()
-    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    return {e.key: e.self_cpu_time_total / 1e3 / cfg.steps for e in prof.key_averages()}
 
 
 def summary_rows(profiles: dict[str, dict[str, float]], top: int) -> list[list[str]]:
@@ -87,22 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     p.add_argument("--top", type=int, default=20, help="operations listed (default 20)")
     args = p.parse_args(argv)
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    problems = [f"--backbone {args.backbone!r} is not a backbone; accepted: {', '.join(list_models())}"
-                ] if args.backbone not in list_models() else []
-    problems += [f"--impls {i!r} is not an implementation; accepted: {', '.join(IMPLS)}" for i in impls if i not in IMPLS]
-    if not impls:
-        problems.append(f"--impls {args.impls!r} names no implementation; accepted: {', '.join(IMPLS)}")
-    if args.recompute not in RECOMPUTE_POLICIES:
-        problems.append(f"--recompute {args.recompute!r} is not a policy; accepted: {', '.join(RECOMPUTE_POLICIES)}")
-    for name in ("batch_size", "image_size", "threads", "steps", "top"):
-        if getattr(args, name) < (32 if name == "image_size" else 1):
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is too small; accepted: an integer "
-                            f">= {32 if name == 'image_size' else 1}")
-    if args.warmup < (1 if args.compile else 0):
-        problems.append(f"--warmup {args.warmup} is too small; accepted: an integer >= {1 if args.compile else 0}")
-    if problems:
-        print(f"step_profile: {problems[0]}", file=sys.stderr)
+    impls = tuple(dict.fromkeys(i.strip() for i in args.impls.split(",") if i.strip()))
+    try:
+        check("backbone", args.backbone, args.backbone in list_models(), ", ".join(list_models()))
+        check("impls", args.impls, bool(impls), "names among " + ", ".join(IMPLS))
+        cfg = BenchConfig(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size, device="cpu",
+                          steps=args.steps, warmup=args.warmup, compile=args.compile, threads=args.threads,
+                          impls=("baseline", *impls) if "baseline" not in impls else impls,  # checks the names
+                          recompute=(args.recompute,), channels_last=False)
+        check("top", args.top, args.top >= 1, "an integer >= 1")
+    except ConfigError as e:
+        print(f"step_profile: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     if args.compile:
@@ -112,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     for impl in impls:
         print(f"step_profile: {args.backbone} {impl}{', compiling first' if args.compile else ''}", file=sys.stderr)
-        profiles[impl] = profile_step(args.backbone, impl, compile=args.compile, recompute=args.recompute,
-                                      batch_size=args.batch_size, image_size=args.image_size,
-                                      warmup=args.warmup, steps=args.steps)
+        profiles[impl] = profile_step(cfg, impl, args.recompute)
     print(f"{args.backbone}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads, "
           f"{'compiled' if args.compile else 'eager'}, recompute {args.recompute}: self CPU ms per training step")
     print(format_table(["operation", *profiles], summary_rows(profiles, args.top), right_from=1))

@@ -31,10 +31,12 @@ def test_profiles_a_real_step_of_each_implementation(step_profile, capsys):
     assert total == pytest.approx([c + r for c, r in zip(conv, rest)], abs=0.15)
 
 
-@pytest.mark.parametrize("argv, field", [(["--backbone", "resnet21"], "--backbone 'resnet21'"),
-                                         (["--impls", "baseline,fast"], "--impls 'fast'"),
-                                         (["--recompute", "sometimes"], "--recompute 'sometimes'"),
-                                         (["--compile", "--warmup", "0"], "--warmup 0")])
+@pytest.mark.parametrize("argv, field", [(["--backbone", "resnet21"], "backbone='resnet21'"),
+                                         (["--impls", "baseline,fast"], "impls='fast'"),
+                                         (["--impls", ","], "impls=','"),
+                                         (["--recompute", "sometimes"], "recompute='sometimes'"),
+                                         (["--compile", "--warmup", "0"], "warmup=0"),
+                                         (["--top", "0"], "top=0")])
 def test_bad_input_is_one_line_and_exit_2(step_profile, capsys, argv, field):
     assert step_profile.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
