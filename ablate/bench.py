@@ -100,7 +100,10 @@ class BenchConfig:
                "distinct names including baseline (the ratios are against it), e.g. baseline,efficient")
 
     def resolved(self) -> "BenchConfig":
-        """Device resolved, CUDA-only options checked, the baseline first; raises ConfigError."""
+        """Backbone checked, device resolved, CUDA-only options checked, the baseline first; raises ConfigError."""
+        from ablate.models import list_models
+
+        check_choice("backbone", self.backbone, tuple(list_models()))
         device = resolve_device(self.device).type
         if self.amp and device != "cuda":
             raise ConfigError("amp=True is not valid with device='cpu'; accepted: amp on cuda only")
@@ -116,9 +119,6 @@ def run_bench(cfg: BenchConfig, progress: TextIO | None = None) -> list[dict]:
 
     ``progress`` (e.g. stderr) gets one line as each run starts."""
     cfg = cfg.resolved()
-    from ablate.models import list_models
-
-    check_choice("backbone", cfg.backbone, tuple(list_models()))
     runs = [(impl, policy) for impl in cfg.impls
             for policy in (cfg.recompute if impl == "efficient" else (None,))]
     rounds: dict[tuple[str, str | None], list[dict]] = {run: [] for run in runs}

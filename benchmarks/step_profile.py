@@ -27,7 +27,6 @@ import torch
 
 from ablate.bench import IMPLS, BenchConfig, training_step
 from ablate.errors import ConfigError, check
-from ablate.models import list_models
 from ablate.table import format_table
 
 #: The ATen operations that are convolution work: what SCConv saves MACs on.
@@ -74,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     impls = tuple(dict.fromkeys(i.strip() for i in args.impls.split(",") if i.strip()))
     try:
-        check("backbone", args.backbone, args.backbone in list_models(), ", ".join(list_models()))
         check("impls", args.impls, bool(impls), "names among " + ", ".join(IMPLS))
         cfg = BenchConfig(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size, device="cpu",
                           steps=args.steps, warmup=args.warmup, compile=args.compile, threads=args.threads,
                           impls=("baseline", *impls) if "baseline" not in impls else impls,  # checks the names
-                          recompute=(args.recompute,), channels_last=False)
+                          recompute=(args.recompute,)).resolved()  # resolved: checks the backbone
         check("top", args.top, args.top >= 1, "an integer >= 1")
     except ConfigError as e:
         print(f"step_profile: {e}", file=sys.stderr)
