@@ -255,7 +255,7 @@ def measure(cfg: BenchConfig, impl: str, policy: str | None = None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             plan = plan_recompute(model, x)
         if plan is not None:
-            recomputed = f"{plan.recomputed}/{len(plan.layers)}"
+            recomputed = plan.tally
 
     memory = PeakMemory(device)
     warmup_times = []

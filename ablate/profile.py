@@ -23,6 +23,7 @@ from ablate import table
 from ablate.config import ModelConfig
 from ablate.errors import check, is_int
 from ablate.models import build_model
+from ablate.nn.efficient import recomputed_placeholders
 
 
 def count_params(model: nn.Module) -> int:
@@ -120,6 +121,11 @@ def saved_activation_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]
     same measure in eager mode, for the custom autograd Functions (their ``saved_tensors``) and for a
     ``torch.compile``d model (one node that saves what the compiler chose to keep).
     """
+    with recomputed_placeholders():  # what backward would recompute is not kept: it reads as a meta tensor
+        return _saved_bytes(output, exclude)
+
+
+def _saved_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]) -> int:
     seen = {t.untyped_storage().data_ptr() for t in exclude}
     # A node's Python object lives only while referenced (torch makes one on access, and a new one once it
     # died), so a dropped node's id can come back as another node's: keep every visited node alive.
@@ -130,6 +136,8 @@ def saved_activation_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]
             continue
         visited[id(node)] = node
         for t in _saved_tensors(node):
+            if t.device.type == "meta":  # a placeholder of what backward recomputes
+                continue
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())

@@ -12,6 +12,7 @@ from ablate.nn import efficient_cru, efficient_sru
 from ablate.nn.efficient import RECOMPUTE_MIN_BYTES, EfficientCRU, EfficientSRU
 from ablate.nn.efficient_cru import pointwise, pointwise_as_bmm
 from ablate.nn.efficient_sru import normalised, normalised_any_layout
+from ablate.profile import saved_activation_bytes as kept_bytes
 
 # In == out with a PWC2, and in != out where the squeezed lower path fills the output (no PWC2).
 CHANNEL_CASES = [(16, 16), (16, 4)]
@@ -230,6 +231,83 @@ def test_keeps_less_than_reference_on_small_inputs():
     reference, efficient = pair(128, 32, 1)
     x = random_input(128, n=4, h=8, w=8).requires_grad_(True)
     assert saved_activation_bytes(efficient, x) < saved_activation_bytes(reference, x) / 2
+
+
+def assert_identical(got, want):
+    """``run`` results equal bit for bit, None gradients alike."""
+    (y, dx, grads), (y_want, dx_want, grads_want) = got, want
+    assert torch.equal(y, y_want) and torch.equal(dx, dx_want)
+    assert grads.keys() == grads_want.keys()
+    for name, g in grads.items():
+        assert (g is None and grads_want[name] is None) or torch.equal(g, grads_want[name]), name
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.75], ids=["halves", "uneven"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+def test_recomputing_the_sru_output_changes_nothing_but_what_is_kept(gate_mode, stride, alpha):
+    _, kept = pair(16, 16, stride, gate_mode=gate_mode, alpha=alpha, recompute="never")
+    _, partial = pair(16, 16, stride, gate_mode=gate_mode, alpha=alpha, recompute="sru")
+    x = random_input(16)
+    assert_identical(run(partial, x), run(kept, x))
+    # It no longer keeps the SRU's output: the size of the (pooled) input, the rest as before.
+    x = x.detach().requires_grad_(True)
+    freed = kept_bytes(kept(x), kept.parameters()) - kept_bytes(partial(x), partial.parameters())
+    assert freed == kept.pool(x).numel() * 4
+
+
+@pytest.mark.parametrize("max_weight", [0, efficient_cru.POINTWISE_BMM_MAX_WEIGHT], ids=["conv", "bmm"])
+def test_recomputing_the_sru_output_with_1x1_convs_as_convs_or_products(max_weight, monkeypatch):
+    monkeypatch.setattr(efficient_cru, "POINTWISE_BMM_MAX_WEIGHT", max_weight)
+    _, kept = pair(16, 16, 1, gate_mode="reference", recompute="never")
+    _, partial = pair(16, 16, 1, gate_mode="reference", recompute="sru")
+    for x in (random_input(16), random_input(16).contiguous(memory_format=torch.channels_last)):
+        assert_identical(run(partial, x), run(kept, x))
+
+
+def test_recomputing_the_sru_output_under_bf16_autocast_and_a_retained_graph():
+    _, kept = pair(16, 16, 1, gate_mode="soft", attention="global", recompute="never")
+    _, partial = pair(16, 16, 1, gate_mode="soft", attention="global", recompute="sru")
+    x = random_input(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_identical(run(partial, x), run(kept, x))
+    # A graph kept for a second backward recomputes again: twice the gradients, as when keeping.
+    grads = []
+    for model in (partial, kept):
+        model.zero_grad(set_to_none=True)
+        y = model(x.detach().requires_grad_(True))
+        y.sum().backward(retain_graph=True)
+        y.square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_recomputing_the_sru_output_leaves_the_probes_as_the_forward_set_them():
+    _, partial = pair(16, 8, 1, gate_mode="reference", attention="global", recompute="sru")
+    set_keep_stats(partial, True)
+    y = partial(random_input(16).requires_grad_(True))
+    r, mask = partial.sru.last_r, partial.sru.last_mask
+    y.sum().backward()
+    assert partial.sru.last_r is r and partial.sru.last_mask is mask
+    _, kept = pair(16, 8, 1, gate_mode="reference", attention="global", recompute="never")
+    set_keep_stats(kept, True)
+    kept(random_input(16))
+    assert torch.equal(r, kept.sru.last_r)
+
+
+@pytest.mark.parametrize("order", ["cru", "cru_sru", "parallel"])
+def test_sru_policy_keeps_where_the_sru_output_feeds_no_squeeze(order):
+    _, kept = pair(16, 16, 1, order=order, recompute="never")
+    _, partial = pair(16, 16, 1, order=order, recompute="sru")
+    x = random_input(16).requires_grad_(True)
+    assert_identical(run(partial, x), run(kept, x))
+    assert kept_bytes(partial(x), partial.parameters()) == kept_bytes(kept(x), kept.parameters())
+
+
+def test_recomputing_the_sru_output_compiles_to_the_same_function():
+    reference, partial = pair(16, 16, 1, gate_mode="reference", attention="global", recompute="sru")
+    compiled = torch.compile(partial, backend="aot_eager", fullgraph=True)
+    assert_same_function(reference, partial, random_input(16), call=compiled)
 
 
 @pytest.mark.parametrize("gate_mode", GATE_MODES)

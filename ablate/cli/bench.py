@@ -42,8 +42,9 @@ def register(sub) -> None:
                    help="comma list of baseline, reference, efficient (default: all three)")
     p.add_argument("--recompute", type=_recompute_type, default=("auto",),
                    help="the efficient SCConv's scconv.recompute, or a comma list for one efficient row each in "
-                        "the same rounds: auto (default: each round plans which layers recompute in backward "
-                        "from measured cost), size (inputs >= 1 MiB), always, never")
+                        "the same rounds: auto (default: each round plans what each layer recomputes in "
+                        "backward from measured cost; the recomputed column counts bodies+SRU outputs/layers), "
+                        "size (bodies of inputs >= 1 MiB), always (bodies), never, sru (the SRU's output)")
     p.add_argument("--format", type=choices_type("format", FORMATS), default="table", help="table or json")
     p.set_defaults(func=cmd_bench)
 

@@ -11,13 +11,17 @@ outputs and gradients (tests/test_efficient.py). What it changes, each measured 
   they are written as two tensors: no concatenation and no copies of split views for the convs.
 - Orders with a CRU can keep only the SCConv's input and rerun the body in backward (the CRU costs
   about a fifth of the replaced conv's MACs). Without it an SCConv keeps several times the
-  activations of the conv it replaces. Which layers do is ``SCConvConfig.recompute``: by default
-  planned per layer from measured cost (``ablate.nn.recompute_plan``), else inputs >= 1 MiB.
+  activations of the conv it replaces. ``sru_cru`` can instead rerun only the SRU (element-wise work,
+  no conv) for the CRU's squeezes, whose inputs are its output: the SRU's output is then not kept
+  (``recompute_sru``). Which layers do which is ``SCConvConfig.recompute``: by default planned per layer
+  from measured cost (``ablate.nn.recompute_plan``), else whole bodies of inputs >= 1 MiB.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -27,7 +31,8 @@ from ablate.nn.efficient_cru import EfficientCRU, FuseFunction
 from ablate.nn.efficient_sru import EfficientSRU, SRUFunction
 
 __all__ = [
-    "EfficientCRU", "EfficientSRU", "FuseFunction", "RECOMPUTE_MIN_BYTES", "SRUFunction", "recompute", "sru_cru",
+    "EfficientCRU", "EfficientSRU", "FuseFunction", "RECOMPUTE_MIN_BYTES", "SRUFunction", "recompute",
+    "recomputed_placeholders", "sru_cru",
 ]
 
 #: The ``size`` policy (and ``auto`` before a plan): inputs at least this large (bytes, whole batch) are
@@ -37,11 +42,87 @@ __all__ = [
 RECOMPUTE_MIN_BYTES = 1 << 20
 
 
-def sru_cru(sru, cru, x: Tensor) -> Tensor:
-    """CRU(SRU(x)); with ``alpha = 1/2`` the SRU's output halves go to the CRU as its two inputs."""
-    if cru.up == cru.low:
-        return cru.forward_split(*sru.forward_halves(x))
-    return cru(sru(x))
+def sru_cru(sru, cru, x: Tensor, recompute_sru: bool = False) -> Tensor:
+    """CRU(SRU(x)); with ``alpha = 1/2`` the SRU's output halves go to the CRU as its two inputs.
+
+    ``recompute_sru``: the SRU's output is not kept for the backward of the CRU's squeezes (the 1x1 convs
+    that read it): where they need it, it is recomputed from ``x``, which the SRU keeps anyway, once for
+    both. It is a large tensor (the SCConv's input size) and the SRU's forward is element-wise work, where
+    rerunning the whole body reruns the CRU's convs too. Eager only: under ``torch.compile`` the compiler
+    chooses what to keep.
+    """
+    halved = cru.up == cru.low
+    out = sru.forward_halves(x) if halved else (sru(x),)
+    if not (recompute_sru and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return cru.forward_split(*out) if halved else cru(out[0])
+    state = _autocast_state(x)
+
+    def again() -> tuple[Tensor, ...]:
+        with _autocast(state):
+            return sru.output_again(x, halved)
+
+    with _recomputed_in_backward(out, again):
+        return cru.forward_split(*out) if halved else cru(out[0])
+
+
+def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype]:
+    """The autocast in force for ``x``'s device, to rerun a forward in backward under the same."""
+    device_type = x.device.type
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+_placeholders = threading.local()
+
+
+@contextmanager
+def recomputed_placeholders() -> Iterator[None]:
+    """While active, a saved tensor that ``recompute_sru`` recomputes in backward reads as a placeholder on the
+    ``meta`` device (its shape and dtype, no data) instead of being recomputed: so that counting what autograd
+    keeps (``ablate.profile.saved_activation_bytes``) counts what it keeps, not what backward will rebuild."""
+    before = getattr(_placeholders, "active", False)
+    _placeholders.active = True
+    try:
+        yield
+    finally:
+        _placeholders.active = before
+
+
+def _recomputed_in_backward(kept: tuple[Tensor, ...], again: Callable[[], tuple[Tensor, ...]]):
+    """Saved-tensor hooks under which a tensor saved for backward that lies in one of ``kept``'s storages is
+    not kept: the backward gets the same view of ``again()``'s matching tensor, computed once for all of them
+    and dropped after the last (again if a retained graph runs backward once more). Other saved tensors pass
+    through. Nothing here holds a reference to ``kept``."""
+    index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(kept) if t.numel()}
+    count = {"packed": 0}
+    cache: dict[str, object] = {}
+
+    def pack(t: Tensor):
+        i = index.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided and t.numel() else None
+        if i is None:
+            return t
+        count["packed"] += 1
+        return i, t.shape, t.stride(), t.storage_offset(), t.dtype
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        i, shape, stride, offset, dtype = packed
+        if getattr(_placeholders, "active", False):
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if "out" not in cache:
+            cache["out"], cache["left"] = again(), count["packed"]
+        out = cache["out"][i].as_strided(shape, stride, offset)
+        cache["left"] -= 1
+        if cache["left"] == 0:
+            cache.clear()
+        return out
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def recompute(
@@ -59,9 +140,7 @@ def recompute(
     if torch.compiler.is_compiling():
         # The traceable form; the compiler then decides what of the body to recompute.
         return checkpoint(body, x, use_reentrant=False)
-    device_type = x.device.type
-    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-    return _Recomputed.apply(body, autocast, x, *params)
+    return _Recomputed.apply(body, _autocast_state(x), x, *params)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -80,8 +159,7 @@ class _Recomputed(torch.autograd.Function):
     def backward(ctx, g):
         x, *params = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[2])
-        device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), _autocast(ctx.autocast):
             out = ctx.body(x)
         inputs = [x, *params] if x.requires_grad else params
         grads = list(torch.autograd.grad(out, inputs, g, allow_unused=True))

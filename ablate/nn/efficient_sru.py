@@ -239,16 +239,26 @@ class EfficientSRU(SRU):
 
     def forward_halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The output's channel halves, X11 + X22 and X12 + X21, as separate tensors."""
+        probe = Probe() if self.keep_stats else None
+        out = self._halves(x, probe)
+        if probe is not None:
+            self.last_r, self.last_mask = probe.last_r.detach(), probe.last_mask
+        return out
+
+    def output_again(self, x: Tensor, halved: bool) -> tuple[Tensor, ...]:
+        """The same output once more, without a graph and leaving the probes as they are (a recompute in
+        backward): the two halves, or (``halved`` False) the whole output as a 1-tuple."""
+        with torch.no_grad():
+            out = self._halves(x, None)
+        return out if halved else (torch.cat(out, dim=1),)
+
+    def _halves(self, x: Tensor, probe: Probe | None) -> tuple[Tensor, Tensor]:
         # The binary gate has no gradient path to gamma and beta: keep them out of the graph (grads stay None).
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.gate_mode != "binary"):
             w = self.channel_weights()
             gamma_w, beta_w = self.gn.weight * w, self.gn.bias * w
-        probe = Probe() if self.keep_stats else None
-        out = SRUFunction.apply(x, gamma_w, beta_w, self.gn.num_groups, self.gn.eps, self.gate_mode,
-                                self.threshold, probe)
-        if probe is not None:
-            self.last_r, self.last_mask = probe.last_r.detach(), probe.last_mask
-        return out
+        return SRUFunction.apply(x, gamma_w, beta_w, self.gn.num_groups, self.gn.eps, self.gate_mode,
+                                 self.threshold, probe)
 
 
 class Probe:

@@ -1,27 +1,31 @@
-"""Which efficient SCConvs recompute their body in backward, chosen from measured cost (``scconv.recompute = "auto"``).
+"""What efficient SCConvs recompute in backward, chosen from measured cost (``scconv.recompute = "auto"``).
 
-An efficient SCConv with a CRU either keeps its body's activations for the backward pass or keeps only
-its input and reruns the body there. Recomputing frees memory and costs time, and how much of each
-depends on the layer's size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB
-per ms of rerun and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than
-guesses, on a copy of the model and an input of the training batch's shape:
+An efficient SCConv with a CRU either keeps its body's activations for the backward pass, or keeps only
+its input and reruns the body there, or (order ``sru_cru``) keeps the CRU's activations but reruns the SRU
+for the CRU's squezes, so that the SRU's output, the largest of them, is not kept (``RECOMPUTE_MODES``:
+keep, sru, body). Recomputing frees memory and costs time, and how much of each depends on the layer's
+size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB per ms of rerun body
+and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than guesses, on a copy of
+the model and an input of the training batch's shape:
 
 - the whole forward + backward with every planned layer keeping: its time T and the bytes M that
   autograd saves for it (``ablate.profile.saved_activation_bytes``);
 - forward + backward of each distinct layer (same configuration, channels, stride and input share one
-  measurement), keeping and recomputing: layer i frees dM_i bytes and adds dT_i ms when it recomputes.
+  measurement) in each of its modes: in mode k layer i frees dM_ik bytes and adds dT_ik ms against keeping.
 
-It then recomputes the layers that minimise the step's memory-time product (M - sum dM) * (T + sum dT):
-layers ordered by freed bytes per added ms, the best prefix of that order. Memory and time weigh alike in
-relative terms, whatever the units or the device: alone, a layer that frees a share m of the memory for a
-share t more time pays when (1 - m)(1 + t) < 1. A layer that frees memory without costing time always
-recomputes, one that frees nothing never does; equal layers go all or none (the product is concave in
+It then chooses the modes that minimise the step's memory-time product (M - sum dM) * (T + sum dT). Each
+layer's modes become steps along their upper hull in (added ms, freed bytes): keep -> sru -> body where the
+SRU step frees more per ms, else keep -> body directly. All layers' steps are ordered by freed bytes per
+added ms, and the best prefix of that order is taken. Memory and time weigh alike in relative terms,
+whatever the units or the device: alone, a layer that frees a share m of the memory for a share t more
+time pays when (1 - m)(1 + t) < 1. A mode that frees memory without costing time is always taken (the
+one freeing most), one that frees nothing never; equal layers go all or none (the product is concave in
 their number).
 
 Nothing of the model changes but ``SCConv.planned_recompute``: the copy takes the measurements, inside
 ``torch.random.fork_rng``, so the model's weights, gradients, BatchNorm statistics and every random
-stream are as they were. Keeping and recomputing give the same outputs and gradients bit for bit, so a
-plan changes memory and time, never a result (tests/test_recompute_plan.py).
+stream are as they were. Every mode gives the same outputs and gradients bit for bit, so a plan changes
+memory and time, never a result (tests/test_recompute_plan.py).
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ablate.nn.convert import set_keep_stats
-from ablate.nn.scconv import SCConv
+from ablate.nn.scconv import RECOMPUTE_MODES, SCConv
 from ablate.profile import saved_activation_bytes
 
 __all__ = ["LayerCost", "RecomputePlan", "choose_recompute", "plan_recompute"]
@@ -54,8 +58,15 @@ class LayerCost:
     keep_ms: float  #: forward + backward of the layer alone, keeping its activations
     recompute_ms: float  #: the same, recomputing its body in backward
     keep_bytes: int  #: activation bytes the layer saves for backward when keeping
-    recompute_bytes: int  #: the same when recomputing (its input)
-    recompute: bool  #: the plan's choice
+    recompute_bytes: int  #: the same when recomputing its body (its input)
+    sru_ms: float | None  #: forward + backward recomputing only the SRU's output (order sru_cru; else None)
+    sru_bytes: int | None  #: activation bytes saved then
+    recompute: str  #: the plan's choice, one of ``RECOMPUTE_MODES``
+
+    def cost(self, mode: str) -> tuple[float, int]:
+        """(ms, saved bytes) of the layer in ``mode``."""
+        return {"keep": (self.keep_ms, self.keep_bytes), "body": (self.recompute_ms, self.recompute_bytes),
+                "sru": (self.sru_ms, self.sru_bytes)}[mode]
 
 
 @dataclass(frozen=True)
@@ -69,61 +80,83 @@ class RecomputePlan:
 
     @property
     def recomputed(self) -> int:
-        return sum(layer.recompute for layer in self.layers)
+        """Layers that recompute their body."""
+        return sum(layer.recompute == "body" for layer in self.layers)
+
+    @property
+    def sru_recomputed(self) -> int:
+        """Layers that recompute only their SRU's output."""
+        return sum(layer.recompute == "sru" for layer in self.layers)
+
+    @property
+    def tally(self) -> str:
+        """``body+sru/planned`` layer counts, e.g. ``6+36/58`` (``ablate bench``'s ``recomputed`` column)."""
+        return f"{self.recomputed}+{self.sru_recomputed}/{len(self.layers)}"
 
     @property
     def freed_bytes(self) -> int:
         """Saved-activation bytes the chosen recomputes free, from the per-layer measurements."""
-        return sum(layer.keep_bytes - layer.recompute_bytes for layer in self.layers if layer.recompute)
+        return sum(layer.keep_bytes - layer.cost(layer.recompute)[1] for layer in self.layers)
 
     @property
     def added_ms(self) -> float:
         """Milliseconds per step the chosen recomputes add, from the per-layer measurements."""
-        return sum(layer.recompute_ms - layer.keep_ms for layer in self.layers if layer.recompute)
+        return sum(layer.cost(layer.recompute)[0] - layer.keep_ms for layer in self.layers)
 
     def summary(self) -> str:
-        """One line, e.g. ``18 of 58 SCConvs recompute in backward: -96 MiB of 606 MiB saved, +72 ms of 830 ms``."""
-        return (f"{self.recomputed} of {len(self.layers)} SCConvs recompute in backward: "
+        """One line, e.g. ``6 of 58 SCConvs recompute their body in backward and 36 their SRU's output: -96 MiB
+        of 606 MiB saved, +12 ms of 830 ms``."""
+        return (f"{self.recomputed} of {len(self.layers)} SCConvs recompute their body in backward and "
+                f"{self.sru_recomputed} their SRU's output: "
                 f"-{self.freed_bytes / 2**20:.0f} MiB of {self.step_bytes / 2**20:.0f} MiB saved activations, "
                 f"{self.added_ms:+.0f} ms of a {self.step_ms:.0f} ms forward + backward "
                 f"(planned in {self.seconds:.1f} s)")
 
     def to_dict(self) -> dict:
         return {"step_ms": self.step_ms, "step_bytes": self.step_bytes, "seconds": self.seconds,
-                "recomputed": self.recomputed, "freed_bytes": self.freed_bytes, "added_ms": self.added_ms,
+                "recomputed": self.recomputed, "sru_recomputed": self.sru_recomputed,
+                "freed_bytes": self.freed_bytes, "added_ms": self.added_ms,
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
-def choose_recompute(step_ms: float, step_bytes: float, layers: Sequence[tuple[float, float]]) -> list[bool]:
-    """Which layers recompute, given the step's time and saved bytes with every layer keeping and each
-    layer's (freed bytes, added ms) when it recomputes: the set that minimises the memory-time product.
+def choose_recompute(step_ms: float, step_bytes: float,
+                     layers: Sequence[Mapping[str, tuple[float, float]]]) -> list[str]:
+    """What each layer recomputes (one of ``RECOMPUTE_MODES``), given the step's time and saved bytes with every
+    layer keeping and, per layer, each of its other modes' (freed bytes, added ms) against keeping: the choice
+    that minimises the memory-time product.
 
-    Layers that free memory at no added time always recompute; layers that free nothing never do; the rest
-    are taken in order of freed bytes per added ms (ties in model order) up to the prefix with the
-    smallest product (ties: the shorter prefix).
+    A mode that frees memory at no added time is taken outright (of those, the one freeing most); a mode
+    that frees nothing never is. The other modes become steps along each layer's upper hull in (added ms,
+    freed bytes), and all layers' steps are taken in order of freed bytes per added ms (ties in model order,
+    a layer's own steps in hull order) up to the prefix with the smallest product (ties: the shorter one).
     """
-    chosen = [False] * len(layers)
+    chosen = ["keep"] * len(layers)
     memory, ms = float(step_bytes), float(step_ms)
-    costly = []
-    for i, (freed, added) in enumerate(layers):
-        if freed <= 0:
-            continue
-        if added <= 0:
-            chosen[i] = True
-            memory, ms = memory - freed, ms + added
-        else:
-            costly.append(i)
-    costly.sort(key=lambda i: -layers[i][0] / layers[i][1])
+    steps: list[tuple[float, float, int, str]] = []  # (freed, added, layer, mode it moves the layer to)
+    for i, modes in enumerate(layers):
+        options = [(float(freed), float(added), mode) for mode, (freed, added) in modes.items() if freed > 0]
+        current = max((o for o in options if o[1] <= 0), key=lambda o: (o[0], -o[1]), default=(0.0, 0.0, "keep"))
+        chosen[i] = current[2]
+        memory, ms = memory - current[0], ms + current[1]
+        ahead = [o for o in options if o[0] > current[0] and o[1] > current[1]]
+        while ahead:  # the upper hull: the next mode freeing the most per added ms from the current one
+            base = current
+            current = max(ahead, key=lambda o: ((o[0] - base[0]) / (o[1] - base[1]), -o[1]))
+            steps.append((current[0] - base[0], current[1] - base[1], i, current[2]))
+            ahead = [o for o in ahead if o[0] > current[0] and o[1] > current[1]]
+    order = sorted(range(len(steps)), key=lambda k: (-steps[k][0] / steps[k][1], steps[k][2], k))
     # Per-layer measurements may claim more than the whole step saves: never let the memory reach zero.
     floor = 1e-9 * max(float(step_bytes), 1.0)
     best, best_k = max(memory, floor) * ms, 0
-    for k, i in enumerate(costly, 1):
-        memory, ms = memory - layers[i][0], ms + layers[i][1]
+    for k, index in enumerate(order, 1):
+        freed, added, _, _ = steps[index]
+        memory, ms = memory - freed, ms + added
         product = max(memory, floor) * ms
         if product < best:
             best, best_k = product, k
-    for i in costly[:best_k]:
-        chosen[i] = True
+    for index in order[:best_k]:
+        _, _, i, mode = steps[index]
+        chosen[i] = mode
     return chosen
 
 
@@ -143,9 +176,14 @@ def plan_recompute(model: nn.Module, example: Tensor, *, reps: int = 2, layer_re
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
         step_ms, step_bytes, inputs, costs = _measure(model, example, names, reps, layer_reps)
     _release_freed_memory(example.device)
-    choices = choose_recompute(step_ms, step_bytes, [(k_b - r_b, r_ms - k_ms) for k_ms, r_ms, k_b, r_b in costs])
-    layers = tuple(LayerCost(name, tuple(inputs[name][0]), *cost, choice)
-                   for name, cost, choice in zip(names, costs, choices))
+    choices = choose_recompute(step_ms, step_bytes, [
+        {mode: (cost["keep"][1] - cost[mode][1], cost[mode][0] - cost["keep"][0]) for mode in cost if mode != "keep"}
+        for cost in costs])
+    layers = tuple(
+        LayerCost(name, tuple(inputs[name][0]), keep_ms=cost["keep"][0], recompute_ms=cost["body"][0],
+                  keep_bytes=cost["keep"][1], recompute_bytes=cost["body"][1], sru_ms=cost.get("sru", (None,))[0],
+                  sru_bytes=cost.get("sru", (None, None))[1], recompute=choice)
+        for name, cost, choice in zip(names, costs, choices))
     modules = dict(model.named_modules())
     for layer in layers:
         modules[layer.name].planned_recompute = layer.recompute
@@ -153,13 +191,12 @@ def plan_recompute(model: nn.Module, example: Tensor, *, reps: int = 2, layer_re
 
 
 def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, layer_reps: int):
-    """(step ms, step bytes, input spec per layer name, (keep ms, recompute ms, keep bytes, recompute bytes)
-    per name), all on a copy of ``model``."""
+    """(step ms, step bytes, input spec per layer name, ``_layer_cost`` per name), all on a copy of ``model``."""
     twin = copy.deepcopy(model).train()
     set_keep_stats(twin, False)
     layers = {name: twin.get_submodule(name) for name in names}
     for layer in layers.values():
-        layer.planned_recompute = False
+        layer.planned_recompute = "keep"
     inputs: dict[str, tuple] = {}
 
     def record(name: str):
@@ -178,7 +215,7 @@ def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, lay
     del out
     step_ms = _median_ms(lambda: twin(example).float().sum().backward(), reps, example.device)
     twin.zero_grad(set_to_none=True)
-    measured: dict[tuple, tuple[float, float, int, int]] = {}
+    measured: dict[tuple, dict[str, tuple[float, int]]] = {}
     costs = []
     for name in names:
         layer, spec = layers[name], inputs[name]
@@ -208,38 +245,45 @@ def _spec(x: Tensor) -> tuple:
     return tuple(x.shape), tuple(x.stride()), x.dtype, x.device
 
 
-def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> tuple[float, float, int, int]:
-    """(keep ms, recompute ms, keep bytes, recompute bytes) of one layer on a random input of ``spec``.
+def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> dict[str, tuple[float, int]]:
+    """{mode: (ms, saved bytes)} of one layer on a random input of ``spec``, for each of its modes (``sru``
+    only for order ``sru_cru``).
 
-    Keep and recompute calls alternate, and the added time is the median of the paired differences, so that
-    drift of a shared machine cancels: a small layer's difference is a fraction of a millisecond.
+    Each rep keeps once and then runs every other mode, and a mode's added time is the median of its
+    differences to that rep's keep call, so that drift of a shared machine cancels: a small layer's
+    difference is a fraction of a millisecond.
     """
     shape, stride, dtype, device = spec
     x = torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+    modes = [mode for mode in RECOMPUTE_MODES if mode != "sru" or layer.order == "sru_cru"]
 
-    def call(choice: bool) -> Callable[[], None]:
+    def call(mode: str) -> Callable[[], None]:
         def run() -> None:
-            layer.planned_recompute = choice
+            layer.planned_recompute = mode
             layer(x.detach().requires_grad_(True)).float().sum().backward()
         return run
 
-    call(False)()
-    call(True)()
-    keep, added = [], []
+    for mode in modes:
+        call(mode)()
+    keep: list[float] = []
+    added: dict[str, list[float]] = {mode: [] for mode in modes if mode != "keep"}
     for _ in range(max(reps, 1)):
-        keep_ms = _ms(call(False), device)
+        keep_ms = _ms(call("keep"), device)
         keep.append(keep_ms)
-        added.append(_ms(call(True), device) - keep_ms)
+        for mode, diffs in added.items():
+            diffs.append(_ms(call(mode), device) - keep_ms)
     saved = {}
-    for choice in (False, True):
-        layer.planned_recompute = choice
+    for mode in modes:
+        layer.planned_recompute = mode
         out = layer(x.detach().requires_grad_(True))
-        saved[choice] = saved_activation_bytes(out, layer.parameters())
+        saved[mode] = saved_activation_bytes(out, layer.parameters())
         del out
-    layer.planned_recompute = False
+    layer.planned_recompute = "keep"
     layer.zero_grad(set_to_none=True)
     keep_ms = statistics.median(keep)
-    return keep_ms, keep_ms + statistics.median(added), saved[False], saved[True]
+    cost = {"keep": (keep_ms, saved["keep"])}
+    cost.update({mode: (keep_ms + statistics.median(diffs), saved[mode]) for mode, diffs in added.items()})
+    return cost
 
 
 def _median_ms(call: Callable[[], None], reps: int, device: torch.device) -> float:

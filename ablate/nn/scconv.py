@@ -16,6 +16,9 @@ from ablate.nn.sru import SRU, check_sru, layer_config_error
 
 #: Orders whose 3x3 conv is the original one (the SRU, when present, runs before it).
 CONV_ORDERS = ("none", "sru")
+#: What an efficient SCConv with a CRU recomputes in backward rather than keeps: nothing, the SRU's output
+#: (order ``sru_cru``; the others have nothing to rerun short of the body, and keep), or the whole body.
+RECOMPUTE_MODES = ("keep", "sru", "body")
 
 
 def _is_count(value) -> bool:
@@ -65,9 +68,9 @@ class SCConv(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.order = config.order
         self.config = config
-        #: Whether this layer recomputes its body in backward under ``recompute = "auto"``: set by
+        #: What this layer recomputes in backward under ``recompute = "auto"`` (one of RECOMPUTE_MODES): set by
         #: ``ablate.nn.recompute_plan.plan_recompute``; None until planned (the ``size`` rule meanwhile).
-        self.planned_recompute: bool | None = None
+        self.planned_recompute: str | None = None
         # impl "efficient" computes the same function with the same submodules and state-dict keys.
         sru_type, cru_type = (efficient.EfficientSRU, efficient.EfficientCRU) if config.impl == "efficient" else (SRU, CRU)
         # Submodules are registered in the order the forward applies them, so that model order
@@ -91,8 +94,11 @@ class SCConv(nn.Module):
             return self.conv(x)
         if self.order == "sru":
             return self.conv(self.sru(x))
-        if self.config.impl == "efficient":  # may keep only x and rerun the body in backward
-            return efficient.recompute(self.body, x, self.parameters(), self.recompute_choice())
+        if self.config.impl == "efficient":  # may keep only x and rerun the body (or the SRU) in backward
+            mode = self.recompute_choice()
+            if mode == "sru" and self.order == "sru_cru":
+                return self.body(x, recompute_sru=True)
+            return efficient.recompute(self.body, x, self.parameters(), None if mode is None else mode == "body")
         return self.body(x)
 
     @property
@@ -100,21 +106,23 @@ class SCConv(nn.Module):
         """Whether ``plan_recompute`` decides this layer: efficient, an order with a CRU, policy ``auto``."""
         return self.config.impl == "efficient" and self.order not in CONV_ORDERS and self.config.recompute == "auto"
 
-    def recompute_choice(self) -> bool | None:
-        """True: recompute the body in backward; False: keep its activations; None: by input size."""
+    def recompute_choice(self) -> str | None:
+        """What to recompute in backward, one of RECOMPUTE_MODES; None: the whole body when the input is large
+        (``size``)."""
         policy = self.config.recompute
         if policy == "auto":
             return self.planned_recompute
-        return {"always": True, "never": False}.get(policy)
+        return {"always": "body", "never": "keep", "sru": "sru"}.get(policy)
 
-    def body(self, x: Tensor) -> Tensor:
-        """The orders with a CRU: pool to the output size, then compose the SRU and the CRU."""
+    def body(self, x: Tensor, recompute_sru: bool = False) -> Tensor:
+        """The orders with a CRU: pool to the output size, then compose the SRU and the CRU; with
+        ``recompute_sru`` (efficient ``sru_cru``), the SRU's output is recomputed for the CRU's backward."""
         x = self.pool(x)
         if self.order == "cru":
             return self.cru(x)
         if self.order == "sru_cru":
             if self.config.impl == "efficient":
-                return efficient.sru_cru(self.sru, self.cru, x)
+                return efficient.sru_cru(self.sru, self.cru, x, recompute_sru)
             return self.cru(self.sru(x))
         if self.order == "cru_sru":
             return self.sru(self.cru(x))
