@@ -24,8 +24,8 @@ GATE_MODES = ("binary", "reference", "soft", "ste")
 GAMMA_NORMS = ("sum", "abs")
 ATTENTIONS = ("pairwise", "global")
 IMPLS = ("reference", "efficient")
-#: When the efficient SCConv recomputes its body (or, ``sru``, the SRU's output) in backward instead of keeping
-#: its activations (docs/scconv.md).
+#: When the efficient SCConv recomputes its body (or, ``sru``, the SRU and the CRU's squeezes) in backward instead
+#: of keeping its activations (docs/scconv.md).
 RECOMPUTE_POLICIES = ("auto", "size", "always", "never", "sru")
 PLACEMENTS = ("replace", "insert")
 
@@ -63,7 +63,7 @@ class SCConvConfig:
     group_kernel: int = 3  #: CRU kernel size k of the GWC (odd)
     attention: str | None = None  #: CRU fuse: pairwise (paper Eq. 3) or global (public code) (None: from preset)
     impl: str = "efficient"  #: implementation: efficient (default; same function, less memory) or reference (readable definition)
-    recompute: str = "auto"  #: efficient impl: which SCConvs recompute in backward: auto (planned from measured cost), size (bodies of inputs >= 1 MiB), always (bodies), never, sru (the SRU's output, order sru_cru); memory and time only
+    recompute: str = "auto"  #: efficient impl: which SCConvs recompute in backward: auto (planned from measured cost), size (bodies of inputs >= 1 MiB), always (bodies), never, sru (the SRU's output and the CRU's squeezes, order sru_cru); memory and time only
 
     def __post_init__(self) -> None:
         check_choice("scconv.order", self.order, ORDERS)

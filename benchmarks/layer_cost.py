@@ -2,7 +2,7 @@
 
 For each stage of DenseNet-121 at 112x112 (28, 14, 7 and 3 pixels; SCConv 128 -> 32, batch 16) it
 times forward + backward of: the conv, the efficient SCConv keeping its activations ("keep"), the same
-recomputing only its SRU's output in backward ("sru"), recomputing its body ("recompute"), and the SCConv's
+recomputing only its SRU and squeezes in backward ("sru"), recomputing its body ("recompute"), and the SCConv's
 forward alone without a graph (what a recompute of the body runs once more). It also gives the activation
 memory each keeps
 (``ablate.profile.saved_activation_bytes``) and what the ``size`` rule (``scconv.recompute = "size"``:

@@ -245,15 +245,17 @@ def assert_identical(got, want):
 @pytest.mark.parametrize("alpha", [0.5, 0.75], ids=["halves", "uneven"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
-def test_recomputing_the_sru_output_changes_nothing_but_what_is_kept(gate_mode, stride, alpha):
+def test_recomputing_the_sru_and_squeezes_changes_nothing_but_what_is_kept(gate_mode, stride, alpha):
     _, kept = pair(16, 16, stride, gate_mode=gate_mode, alpha=alpha, recompute="never")
     _, partial = pair(16, 16, stride, gate_mode=gate_mode, alpha=alpha, recompute="sru")
     x = random_input(16)
     assert_identical(run(partial, x), run(kept, x))
-    # It no longer keeps the SRU's output: the size of the (pooled) input, the rest as before.
+    # It no longer keeps the SRU's output (the size of the pooled input) nor the CRU's squeezed inputs.
     x = x.detach().requires_grad_(True)
     freed = kept_bytes(kept(x), kept.parameters()) - kept_bytes(partial(x), partial.parameters())
-    assert freed == kept.pool(x).numel() * 4
+    n, c, h, w = kept.pool(x).shape
+    squeezed = kept.cru.squeeze1.out_channels + kept.cru.squeeze2.out_channels
+    assert freed == (c + squeezed) * n * h * w * 4
 
 
 @pytest.mark.parametrize("max_weight", [0, efficient_cru.POINTWISE_BMM_MAX_WEIGHT], ids=["conv", "bmm"])

@@ -43,8 +43,8 @@ def register(sub) -> None:
     p.add_argument("--recompute", type=_recompute_type, default=("auto",),
                    help="the efficient SCConv's scconv.recompute, or a comma list for one efficient row each in "
                         "the same rounds: auto (default: each round plans what each layer recomputes in "
-                        "backward from measured cost; the recomputed column counts bodies+SRU outputs/layers), "
-                        "size (bodies of inputs >= 1 MiB), always (bodies), never, sru (the SRU's output)")
+                        "backward from measured cost; the recomputed column counts bodies+SRUs/layers), "
+                        "size (bodies of inputs >= 1 MiB), always (bodies), never, sru (the SRU and the CRU's squeezes)")
     p.add_argument("--format", type=choices_type("format", FORMATS), default="table", help="table or json")
     p.set_defaults(func=cmd_bench)
 

@@ -11,10 +11,10 @@ outputs and gradients (tests/test_efficient.py). What it changes, each measured 
   they are written as two tensors: no concatenation and no copies of split views for the convs.
 - Orders with a CRU can keep only the SCConv's input and rerun the body in backward (the CRU costs
   about a fifth of the replaced conv's MACs). Without it an SCConv keeps several times the
-  activations of the conv it replaces. ``sru_cru`` can instead rerun only the SRU (element-wise work,
-  no conv) for the CRU's squeezes, whose inputs are its output: the SRU's output is then not kept
-  (``recompute_sru``). Which layers do which is ``SCConvConfig.recompute``: by default planned per layer
-  from measured cost (``ablate.nn.recompute_plan``), else whole bodies of inputs >= 1 MiB.
+  activations of the conv it replaces. ``sru_cru`` can instead rerun only the SRU and the CRU's
+  squeezes (element-wise work and two 1x1 convs), so that neither the SRU's output nor the squeezed
+  inputs are kept (``recompute_sru``). Which layers do which is ``SCConvConfig.recompute``: by default
+  planned per layer from measured cost (``ablate.nn.recompute_plan``), else whole bodies of inputs >= 1 MiB.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ RECOMPUTE_MIN_BYTES = 1 << 20
 def sru_cru(sru, cru, x: Tensor, recompute_sru: bool = False) -> Tensor:
     """CRU(SRU(x)); with ``alpha = 1/2`` the SRU's output halves go to the CRU as its two inputs.
 
-    ``recompute_sru``: the SRU's output is not kept for the backward of the CRU's squeezes (the 1x1 convs
-    that read it): where they need it, it is recomputed from ``x``, which the SRU keeps anyway, once for
-    both. It is a large tensor (the SCConv's input size) and the SRU's forward is element-wise work, where
-    rerunning the whole body reruns the CRU's convs too. Eager only: under ``torch.compile`` the compiler
-    chooses what to keep.
+    ``recompute_sru``: keep neither the SRU's output nor the CRU's squeezed inputs for backward (the
+    squeezes keep the former, the GWC, PWC1 and fuse the latter); backward recomputes them from ``x``, which
+    the SRU keeps anyway, once for all. The SRU's output is the size of ``x``, the squeezed inputs half of
+    it, and recomputing them is the SRU's element-wise forward and two 1x1 convs, where rerunning the whole
+    body also reruns the grouped 3x3 conv and the fuse, with a graph. What stays kept is Y1 (the GWC and
+    PWC1's sum, for the fuse's backward). Eager only: under ``torch.compile`` the compiler chooses.
     """
     halved = cru.up == cru.low
     out = sru.forward_halves(x) if halved else (sru(x),)
@@ -58,11 +59,15 @@ def sru_cru(sru, cru, x: Tensor, recompute_sru: bool = False) -> Tensor:
     state = _autocast_state(x)
 
     def again() -> tuple[Tensor, ...]:
-        with _autocast(state):
-            return sru.output_again(x, halved)
+        with _autocast(state), torch.no_grad():
+            again_out = sru.output_again(x, halved)
+            return again_out + cru.squeezed(*(again_out if halved else cru.split(again_out[0])))
 
-    with _recomputed_in_backward(out, again):
-        return cru.forward_split(*out) if halved else cru(out[0])
+    recomputed = _RecomputedInBackward(again)
+    with recomputed.hooks(out):
+        squeezed = cru.squeezed(*(out if halved else cru.split(out[0])))
+    with recomputed.hooks(out + squeezed):
+        return cru.from_squeezed(*squeezed)
 
 
 def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype]:
@@ -81,7 +86,7 @@ _placeholders = threading.local()
 
 @contextmanager
 def recomputed_placeholders() -> Iterator[None]:
-    """While active, a saved tensor that ``recompute_sru`` recomputes in backward reads as a placeholder on the
+    """While active, a saved tensor that ``sru_cru(recompute_sru=True)`` recomputes in backward reads as a placeholder on the
     ``meta`` device (its shape and dtype, no data) instead of being recomputed: so that counting what autograd
     keeps (``ablate.profile.saved_activation_bytes``) counts what it keeps, not what backward will rebuild."""
     before = getattr(_placeholders, "active", False)
@@ -92,37 +97,44 @@ def recomputed_placeholders() -> Iterator[None]:
         _placeholders.active = before
 
 
-def _recomputed_in_backward(kept: tuple[Tensor, ...], again: Callable[[], tuple[Tensor, ...]]):
-    """Saved-tensor hooks under which a tensor saved for backward that lies in one of ``kept``'s storages is
-    not kept: the backward gets the same view of ``again()``'s matching tensor, computed once for all of them
-    and dropped after the last (again if a retained graph runs backward once more). Other saved tensors pass
-    through. Nothing here holds a reference to ``kept``."""
-    index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(kept) if t.numel()}
-    count = {"packed": 0}
-    cache: dict[str, object] = {}
+class _RecomputedInBackward:
+    """Saved-tensor hooks under which a tensor saved for backward that lies in the storage of one of the
+    tensors given to ``hooks`` is not kept: the backward gets the same view of the matching tensor of
+    ``again()`` (the same tensors in the same order, recomputed), computed once for all of them and dropped
+    after the last (again if a retained graph runs backward once more). Other saved tensors pass through.
+    Nothing here holds a reference to the tensors given."""
 
-    def pack(t: Tensor):
-        i = index.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided and t.numel() else None
-        if i is None:
-            return t
-        count["packed"] += 1
-        return i, t.shape, t.stride(), t.storage_offset(), t.dtype
+    def __init__(self, again: Callable[[], tuple[Tensor, ...]]) -> None:
+        self.again = again
+        self.packed = 0
+        self.cache: tuple[Tensor, ...] | None = None
+        self.left = 0
 
-    def unpack(packed):
+    def hooks(self, kept: tuple[Tensor, ...]) -> torch.autograd.graph.saved_tensors_hooks:
+        index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(kept) if t.numel()}
+
+        def pack(t: Tensor):
+            i = index.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided and t.numel() else None
+            if i is None:
+                return t
+            self.packed += 1
+            return i, t.shape, t.stride(), t.storage_offset(), t.dtype
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, self._unpack)
+
+    def _unpack(self, packed):
         if isinstance(packed, Tensor):
             return packed
         i, shape, stride, offset, dtype = packed
         if getattr(_placeholders, "active", False):
             return torch.empty(shape, dtype=dtype, device="meta")
-        if "out" not in cache:
-            cache["out"], cache["left"] = again(), count["packed"]
-        out = cache["out"][i].as_strided(shape, stride, offset)
-        cache["left"] -= 1
-        if cache["left"] == 0:
-            cache.clear()
+        if self.cache is None:
+            self.cache, self.left = self.again(), self.packed
+        out = self.cache[i].as_strided(shape, stride, offset)
+        self.left -= 1
+        if self.left == 0:
+            self.cache = None
         return out
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def recompute(

@@ -134,11 +134,22 @@ class EfficientCRU(CRU):
     """The CRU with ``FuseFunction``; same parameters, outputs, gradients and probes as ``CRU``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_split(*torch.split(x, [self.up, self.low], dim=1))
+        return self.forward_split(*self.split(x))
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The upper and lower inputs (views of ``x``)."""
+        return tuple(torch.split(x, [self.up, self.low], dim=1))
 
     def forward_split(self, x_up: Tensor, x_low: Tensor) -> Tensor:
         """The CRU of its upper and lower inputs given as separate tensors."""
-        x_up, x_low = pointwise(self.squeeze1, x_up), pointwise(self.squeeze2, x_low)
+        return self.from_squeezed(*self.squeezed(x_up, x_low))
+
+    def squeezed(self, x_up: Tensor, x_low: Tensor) -> tuple[Tensor, Tensor]:
+        """The squeezed upper and lower inputs."""
+        return pointwise(self.squeeze1, x_up), pointwise(self.squeeze2, x_low)
+
+    def from_squeezed(self, x_up: Tensor, x_low: Tensor) -> Tensor:
+        """The CRU given its squeezed inputs: Y1 = GWC + PWC1 of the upper, Y2 from the lower, and the fuse."""
         # In place: a conv's backward does not need its output.
         y1 = self.gwc(x_up).add_(pointwise(self.pwc1, x_up))
         pieces = (x_low[:, : self.out_channels],) if self.pwc2 is None else (pointwise(self.pwc2, x_low), x_low)

@@ -1,9 +1,9 @@
 """What efficient SCConvs recompute in backward, chosen from measured cost (``scconv.recompute = "auto"``).
 
 An efficient SCConv with a CRU either keeps its body's activations for the backward pass, or keeps only
-its input and reruns the body there, or (order ``sru_cru``) keeps the CRU's activations but reruns the SRU
-for the CRU's squezes, so that the SRU's output, the largest of them, is not kept (``RECOMPUTE_MODES``:
-keep, sru, body). Recomputing frees memory and costs time, and how much of each depends on the layer's
+its input and reruns the body there, or (order ``sru_cru``) reruns only the SRU and the CRU's squeezes
+there, so that the largest of its activations, the SRU's output and the squeezed inputs, are not kept
+(``RECOMPUTE_MODES``: keep, sru, body). Recomputing frees memory and costs time, and how much of each depends on the layer's
 size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB per ms of rerun body
 and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than guesses, on a copy of
 the model and an input of the training batch's shape:
@@ -59,7 +59,7 @@ class LayerCost:
     recompute_ms: float  #: the same, recomputing its body in backward
     keep_bytes: int  #: activation bytes the layer saves for backward when keeping
     recompute_bytes: int  #: the same when recomputing its body (its input)
-    sru_ms: float | None  #: forward + backward recomputing only the SRU's output (order sru_cru; else None)
+    sru_ms: float | None  #: forward + backward recomputing the SRU and squeezes only (order sru_cru; else None)
     sru_bytes: int | None  #: activation bytes saved then
     recompute: str  #: the plan's choice, one of ``RECOMPUTE_MODES``
 
@@ -85,7 +85,7 @@ class RecomputePlan:
 
     @property
     def sru_recomputed(self) -> int:
-        """Layers that recompute only their SRU's output."""
+        """Layers that recompute only their SRU and squeezes."""
         return sum(layer.recompute == "sru" for layer in self.layers)
 
     @property
@@ -104,10 +104,10 @@ class RecomputePlan:
         return sum(layer.cost(layer.recompute)[0] - layer.keep_ms for layer in self.layers)
 
     def summary(self) -> str:
-        """One line, e.g. ``6 of 58 SCConvs recompute their body in backward and 36 their SRU's output: -96 MiB
-        of 606 MiB saved, +12 ms of 830 ms``."""
+        """One line, e.g. ``6 of 58 SCConvs recompute their body in backward and 36 their SRU and squeezes: -96
+        MiB of 606 MiB saved, +12 ms of 830 ms``."""
         return (f"{self.recomputed} of {len(self.layers)} SCConvs recompute their body in backward and "
-                f"{self.sru_recomputed} their SRU's output: "
+                f"{self.sru_recomputed} their SRU and squeezes: "
                 f"-{self.freed_bytes / 2**20:.0f} MiB of {self.step_bytes / 2**20:.0f} MiB saved activations, "
                 f"{self.added_ms:+.0f} ms of a {self.step_ms:.0f} ms forward + backward "
                 f"(planned in {self.seconds:.1f} s)")

@@ -16,8 +16,9 @@ from ablate.nn.sru import SRU, check_sru, layer_config_error
 
 #: Orders whose 3x3 conv is the original one (the SRU, when present, runs before it).
 CONV_ORDERS = ("none", "sru")
-#: What an efficient SCConv with a CRU recomputes in backward rather than keeps: nothing, the SRU's output
-#: (order ``sru_cru``; the others have nothing to rerun short of the body, and keep), or the whole body.
+#: What an efficient SCConv with a CRU recomputes in backward rather than keeps: nothing, the SRU's output and
+#: the CRU's squeezed inputs (order ``sru_cru``; the others have nothing to rerun short of the body, and keep),
+#: or the whole body.
 RECOMPUTE_MODES = ("keep", "sru", "body")
 
 
@@ -116,7 +117,8 @@ class SCConv(nn.Module):
 
     def body(self, x: Tensor, recompute_sru: bool = False) -> Tensor:
         """The orders with a CRU: pool to the output size, then compose the SRU and the CRU; with
-        ``recompute_sru`` (efficient ``sru_cru``), the SRU's output is recomputed for the CRU's backward."""
+        ``recompute_sru`` (efficient ``sru_cru``), the SRU's output and the squeezed inputs are recomputed for the
+        CRU's backward."""
         x = self.pool(x)
         if self.order == "cru":
             return self.cru(x)
