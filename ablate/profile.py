@@ -122,28 +122,24 @@ def saved_activation_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]
     ``torch.compile``d model (one node that saves what the compiler chose to keep).
     """
     with recomputed_placeholders():  # what backward would recompute is not kept: it reads as a meta tensor
-        return _saved_bytes(output, exclude)
-
-
-def _saved_bytes(output: torch.Tensor, exclude: Iterable[torch.Tensor]) -> int:
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    # A node's Python object lives only while referenced (torch makes one on access, and a new one once it
-    # died), so a dropped node's id can come back as another node's: keep every visited node alive.
-    total, visited, stack = 0, {}, [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in visited:
-            continue
-        visited[id(node)] = node
-        for t in _saved_tensors(node):
-            if t.device.type == "meta":  # a placeholder of what backward recomputes
+        seen = {t.untyped_storage().data_ptr() for t in exclude}
+        # A node's Python object lives only while referenced (torch makes one on access, and a new one once it
+        # died), so a dropped node's id can come back as another node's: keep every visited node alive.
+        total, visited, stack = 0, {}, [output.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited:
                 continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        stack.extend(fn for fn, _ in node.next_functions)
-    return total
+            visited[id(node)] = node
+            for t in _saved_tensors(node):
+                if t.device.type == "meta":  # a placeholder of what backward recomputes
+                    continue
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            stack.extend(fn for fn, _ in node.next_functions)
+        return total
 
 
 def _saved_tensors(node) -> list[torch.Tensor]:

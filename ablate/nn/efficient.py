@@ -53,19 +53,23 @@ def sru_cru(sru, cru, x: Tensor, recompute_sru: bool = False) -> Tensor:
     PWC1's sum, for the fuse's backward). Eager only: under ``torch.compile`` the compiler chooses.
     """
     halved = cru.up == cru.low
+
+    def cru_inputs(out: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        return out if halved else cru.split(out[0])
+
     out = sru.forward_halves(x) if halved else (sru(x),)
     if not (recompute_sru and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-        return cru.forward_split(*out) if halved else cru(out[0])
+        return cru.forward_split(*cru_inputs(out))
     state = _autocast_state(x)
 
     def again() -> tuple[Tensor, ...]:
         with _autocast(state), torch.no_grad():
-            again_out = sru.output_again(x, halved)
-            return again_out + cru.squeezed(*(again_out if halved else cru.split(again_out[0])))
+            fresh = sru.output_again(x, halved)
+            return fresh + cru.squeezed(*cru_inputs(fresh))
 
     recomputed = _RecomputedInBackward(again)
     with recomputed.hooks(out):
-        squeezed = cru.squeezed(*(out if halved else cru.split(out[0])))
+        squeezed = cru.squeezed(*cru_inputs(out))
     with recomputed.hooks(out + squeezed):
         return cru.from_squeezed(*squeezed)
 
@@ -86,9 +90,10 @@ _placeholders = threading.local()
 
 @contextmanager
 def recomputed_placeholders() -> Iterator[None]:
-    """While active, a saved tensor that ``sru_cru(recompute_sru=True)`` recomputes in backward reads as a placeholder on the
-    ``meta`` device (its shape and dtype, no data) instead of being recomputed: so that counting what autograd
-    keeps (``ablate.profile.saved_activation_bytes``) counts what it keeps, not what backward will rebuild."""
+    """While active, a saved tensor that ``sru_cru(recompute_sru=True)`` recomputes in backward reads as a
+    placeholder on the ``meta`` device (its shape and dtype, no data) instead of being recomputed: so that
+    counting what autograd keeps (``ablate.profile.saved_activation_bytes``) counts what it keeps, not what
+    backward will rebuild."""
     before = getattr(_placeholders, "active", False)
     _placeholders.active = True
     try:

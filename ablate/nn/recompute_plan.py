@@ -3,9 +3,9 @@
 An efficient SCConv with a CRU either keeps its body's activations for the backward pass, or keeps only
 its input and reruns the body there, or (order ``sru_cru``) reruns only the SRU and the CRU's squeezes
 there, so that the largest of its activations, the SRU's output and the squeezed inputs, are not kept
-(``RECOMPUTE_MODES``: keep, sru, body). Recomputing frees memory and costs time, and how much of each depends on the layer's
-size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB per ms of rerun body
-and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than guesses, on a copy of
+(``RECOMPUTE_MODES``: keep, sru, body). Recomputing frees memory and costs time, and how much of each
+depends on the layer's size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB
+per ms of rerun body and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than guesses, on a copy of
 the model and an input of the training batch's shape:
 
 - the whole forward + backward with every planned layer keeping: its time T and the bytes M that
