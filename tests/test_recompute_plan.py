@@ -207,6 +207,6 @@ def test_the_policies_decide_what_a_layer_keeps(policy, expected):
 
 
 def test_an_unknown_policy_is_a_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match=r"^scconv\.recompute='sometimes'.*auto, size, always, never"):
+    with pytest.raises(ConfigError, match=r"^scconv\.recompute='sometimes'.*auto, size, always, never, sru"):
         RunConfig.from_dict({"scconv.recompute": "sometimes"})
 

@@ -63,7 +63,9 @@ def test_run_logs_curves_gates_and_artifacts(tracking_uri, tmp_path):
     plan = json.loads(open(client.download_artifacts(result.run_id, "recompute_plan.json", str(tmp_path))).read())
     assert [row["name"] for row in plan["layers"]] == [f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)]
     assert plan["layers"][0]["input_shape"] == [32, 16, 16, 16]  # the training batch
-    assert plan["recomputed"] == sum(row["recompute"] for row in plan["layers"])
+    assert plan["recomputed"] == sum(row["recompute"] == "body" for row in plan["layers"])
+    assert plan["sru_recomputed"] == sum(row["recompute"] == "sru" for row in plan["layers"])
+    assert {row["recompute"] for row in plan["layers"]} <= {"keep", "sru", "body"}
     local = client.download_artifacts(result.run_id, "val_predictions.npz", str(tmp_path))
     preds = np.load(local)
     assert preds["pred"].shape == (2, 360) and preds["loss"].shape == (2, 360) and preds["target"].shape == (360,)
