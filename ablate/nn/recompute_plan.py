@@ -5,8 +5,8 @@ its input and reruns the body there, or (order ``sru_cru``) reruns only the SRU 
 there, so that the largest of its activations, the SRU's output and the squeezed inputs, are not kept
 (``RECOMPUTE_MODES``: keep, sru, body). Recomputing frees memory and costs time, and how much of each
 depends on the layer's size and on the device: on a 2-core CPU DenseNet-121's 28x28 layers free 1.4 MiB
-per ms of rerun body and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than guesses, on a copy of
-the model and an input of the training batch's shape:
+per ms of rerun body and its 3x3 layers 0.1 MiB (benchmarks/README.md). So the plan measures rather than
+guesses, on a copy of the model and an input of the training batch's shape:
 
 - the whole forward + backward with every planned layer keeping: its time T and the bytes M that
   autograd saves for it (``ablate.profile.saved_activation_bytes``);
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ablate.nn.convert import set_keep_stats
-from ablate.nn.scconv import RECOMPUTE_MODES, SCConv
+from ablate.nn.scconv import SCConv
 from ablate.profile import saved_activation_bytes
 
 __all__ = ["LayerCost", "RecomputePlan", "choose_recompute", "plan_recompute"]
@@ -179,15 +179,21 @@ def plan_recompute(model: nn.Module, example: Tensor, *, reps: int = 2, layer_re
     choices = choose_recompute(step_ms, step_bytes, [
         {mode: (cost["keep"][1] - cost[mode][1], cost[mode][0] - cost["keep"][0]) for mode in cost if mode != "keep"}
         for cost in costs])
-    layers = tuple(
-        LayerCost(name, tuple(inputs[name][0]), keep_ms=cost["keep"][0], recompute_ms=cost["body"][0],
-                  keep_bytes=cost["keep"][1], recompute_bytes=cost["body"][1], sru_ms=cost.get("sru", (None,))[0],
-                  sru_bytes=cost.get("sru", (None, None))[1], recompute=choice)
-        for name, cost, choice in zip(names, costs, choices))
+    layers = tuple(_layer_row(name, tuple(inputs[name][0]), cost, choice)
+                   for name, cost, choice in zip(names, costs, choices))
     modules = dict(model.named_modules())
     for layer in layers:
         modules[layer.name].planned_recompute = layer.recompute
     return RecomputePlan(step_ms, step_bytes, layers, time.perf_counter() - start)
+
+
+def _layer_row(name: str, input_shape: tuple[int, ...], cost: dict[str, tuple[float, int]],
+               choice: str) -> LayerCost:
+    """The plan's row of one layer from its ``_layer_cost`` (no ``sru`` entry: None there)."""
+    (keep_ms, keep_bytes), (body_ms, body_bytes) = cost["keep"], cost["body"]
+    sru_ms, sru_bytes = cost.get("sru", (None, None))
+    return LayerCost(name, input_shape, keep_ms=keep_ms, recompute_ms=body_ms, keep_bytes=keep_bytes,
+                     recompute_bytes=body_bytes, sru_ms=sru_ms, sru_bytes=sru_bytes, recompute=choice)
 
 
 def _measure(model: nn.Module, example: Tensor, names: list[str], reps: int, layer_reps: int):
@@ -246,8 +252,8 @@ def _spec(x: Tensor) -> tuple:
 
 
 def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> dict[str, tuple[float, int]]:
-    """{mode: (ms, saved bytes)} of one layer on a random input of ``spec``, for each of its modes (``sru``
-    only for order ``sru_cru``).
+    """{mode: (ms, saved bytes)} of one layer on a random input of ``spec``, for each of its modes
+    (``SCConv.recompute_modes``).
 
     Each rep keeps once and then runs every other mode, and a mode's added time is the median of its
     differences to that rep's keep call, so that drift of a shared machine cancels: a small layer's
@@ -255,7 +261,7 @@ def _layer_cost(layer: SCConv, spec: tuple, reps: int) -> dict[str, tuple[float,
     """
     shape, stride, dtype, device = spec
     x = torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
-    modes = [mode for mode in RECOMPUTE_MODES if mode != "sru" or layer.order == "sru_cru"]
+    modes = layer.recompute_modes
 
     def call(mode: str) -> Callable[[], None]:
         def run() -> None:

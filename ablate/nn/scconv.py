@@ -97,7 +97,7 @@ class SCConv(nn.Module):
             return self.conv(self.sru(x))
         if self.config.impl == "efficient":  # may keep only x and rerun the body (or the SRU) in backward
             mode = self.recompute_choice()
-            if mode == "sru" and self.order == "sru_cru":
+            if mode == "sru" and mode in self.recompute_modes:
                 return self.body(x, recompute_sru=True)
             return efficient.recompute(self.body, x, self.parameters(), None if mode is None else mode == "body")
         return self.body(x)
@@ -106,6 +106,11 @@ class SCConv(nn.Module):
     def plannable(self) -> bool:
         """Whether ``plan_recompute`` decides this layer: efficient, an order with a CRU, policy ``auto``."""
         return self.config.impl == "efficient" and self.order not in CONV_ORDERS and self.config.recompute == "auto"
+
+    @property
+    def recompute_modes(self) -> tuple[str, ...]:
+        """The RECOMPUTE_MODES this layer has (``sru`` only for ``sru_cru``; the others keep in its place)."""
+        return RECOMPUTE_MODES if self.order == "sru_cru" else tuple(m for m in RECOMPUTE_MODES if m != "sru")
 
     def recompute_choice(self) -> str | None:
         """What to recompute in backward, one of RECOMPUTE_MODES; None: the whole body when the input is large
