@@ -39,10 +39,11 @@ class FuseFunction(torch.autograd.Function):
     def backward(ctx, g):
         y1, a, b, *y2_pieces = ctx.saved_tensors
         split = _pieces(g, b, y2_pieces)
-        da = _channel_dot(g, y1)
-        db = _cat([_channel_dot(g_piece, piece) for piece, g_piece, _ in split])
-        # GAP's backward spreads ds / (H * W) over every position.
-        ds1, ds2 = _attention_backward(ctx.mode, a, b, da, db, 1 / (y1.shape[2] * y1.shape[3]))
+        # dL/d(weight) per (sample, channel) is the sum over H, W of g * Y; GAP's backward then spreads ds / (H * W)
+        # over every position, so the mean over H, W is both in one operation.
+        da = _channel_mean(g, y1)
+        db = _cat([_channel_mean(g_piece, piece) for piece, g_piece, _ in split])
+        ds1, ds2 = _attention_backward(ctx.mode, a, b, da, db)
         grads = [_input_grad(g, a, ds1, y1)]
         start = 0
         for piece, g_piece, b_piece in split:
@@ -67,21 +68,20 @@ def _attention(mode: str, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
     return weights[:, : s1.shape[1]], weights[:, s1.shape[1] :]
 
 
-def _attention_backward(mode: str, a: Tensor, b: Tensor, da: Tensor, db: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax backward, ds = w * (dw - sum(w * dw)) over the softmax's axis, times ``scale``."""
+def _attention_backward(mode: str, a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax backward, ds = w * (dw - sum(w * dw)) over the softmax's axis."""
     if mode == "pairwise":
         # With b = 1 - a: ds1 = a * b * (da - db) = -ds2.
-        ds1 = (da - db).mul_(a * b).mul_(scale)
+        ds1 = (da - db).mul_(a * b)
         return ds1, -ds1
     w, dw = torch.cat([a, b], dim=1), torch.cat([da, db], dim=1)
     ds = w * (dw - (w * dw).sum(dim=1, keepdim=True))
-    ds.mul_(scale)
     return ds[:, : a.shape[1]], ds[:, a.shape[1] :]
 
 
-def _channel_dot(g: Tensor, y: Tensor) -> Tensor:
-    """Sum over H, W of g * y, per (sample, channel)."""
-    return (g * y).sum(dim=(2, 3))
+def _channel_mean(g: Tensor, y: Tensor) -> Tensor:
+    """Mean over H, W of g * y, per (sample, channel)."""
+    return (g * y).mean(dim=(2, 3))
 
 
 def _input_grad(g: Tensor, weight: Tensor, pooled: Tensor, like: Tensor) -> Tensor:

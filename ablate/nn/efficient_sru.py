@@ -4,8 +4,9 @@ Same parameters, outputs, gradients and probes as ``ablate.nn.sru.SRU`` (the rea
 GroupNorm and the channel weights fold into one kernel, ``z = GroupNorm(x) * w`` (weight
 ``gamma * w``, bias ``beta * w``); the gate maps are built in place from ``z`` with exact 0/1
 arithmetic and the cross reconstruction writes the output halves directly. Backward recomputes
-``z`` from ``x`` (which the ReLU before an SRU keeps anyway) and applies the GroupNorm backward in
-closed form. The reference keeps about eight full-size tensors per SRU for its backward.
+``z`` from ``x`` (which the ReLU before an SRU keeps anyway; on a GPU's channels_last path from the
+forward's per-channel coefficients, in one operation) and applies the GroupNorm backward in closed form
+(on CUDA, PyTorch's kernel). The reference keeps about eight full-size tensors per SRU for its backward.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ def halves(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.chunk(t, 2, dim=1)
 
 
-def normalised(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(z, mean, rstd) with z = GroupNorm(x) * w as a new float32-or-wider tensor; mean, rstd per (N, G)."""
+def normalised(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: float):
+    """(z, mean, rstd, coefficients) with z = GroupNorm(x) * w as a new float32-or-wider tensor; mean, rstd
+    per (N, G). ``coefficients``: the (a, b) of z = x * a + b where z was computed so (``normalised_any_layout``),
+    else None."""
     # Like the reference's GroupNorm under autocast: statistics and z in float32.
     x = x.float() if x.dtype in _LOW_PRECISION else x
     n, c, h, w = x.shape
     # PyTorch's own kernel (one pass for the statistics, one for z) takes any layout on the CPU, NCHW elsewhere.
     if x.device.type in GROUP_NORM_ANY_LAYOUT_DEVICES or x.is_contiguous():
         x = x.contiguous(memory_format=memory_format(x))
-        return torch.ops.aten.native_group_norm(x, gamma_w, beta_w, n, c, h * w, groups, eps)
+        return *torch.ops.aten.native_group_norm(x, gamma_w, beta_w, n, c, h * w, groups, eps), None
     return normalised_any_layout(x, gamma_w, beta_w, groups, eps)
 
 
@@ -58,7 +61,7 @@ def normalised_any_layout(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: in
     var, mean = torch.var_mean(x.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
     rstd = torch.rsqrt(var.add_(eps))
     a, b = coefficients(mean, rstd, gamma_w, beta_w)
-    return torch.addcmul(b, x, a), mean, rstd
+    return torch.addcmul(b, x, a), mean, rstd, (a, b)
 
 
 def coefficients(mean: Tensor, rstd: Tensor, gamma_w: Tensor, beta_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,7 +69,7 @@ def coefficients(mean: Tensor, rstd: Tensor, gamma_w: Tensor, beta_w: Tensor) ->
     n, groups = mean.shape
     c = gamma_w.shape[0]
     a = per_channel(rstd, gamma_w.view(groups, c // groups))
-    b = beta_w.view(groups, -1) - mean[:, :, None] * a
+    b = torch.addcmul(beta_w.view(groups, -1), mean[:, :, None], a, value=-1)
     return a.view(n, c, 1, 1), b.view(n, c, 1, 1)
 
 
@@ -95,21 +98,30 @@ class SRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma_w, beta_w, groups, eps, gate_mode, threshold, probe):
-        z, _, _ = normalised(x, gamma_w, beta_w, groups, eps)
+        z, mean, rstd, z_coefficients = normalised(x, gamma_w, beta_w, groups, eps)
         if probe is not None:
             r = torch.sigmoid(z)
             probe.last_r, probe.last_mask = r, r > threshold
         xz = _as(x, z.dtype)  # the reference's W1 * x is float32 under autocast too
-        ctx.save_for_backward(x, gamma_w, beta_w)
+        # Where z = x * a + b (the GPU's channels_last path), the statistics and (a, b) are kept, (N, C) values
+        # each, so that backward rebuilds z in one operation instead of seven (a kernel launch each on a GPU).
+        # The kernel's path keeps x alone: on the CPU the kernel rebuilds z faster than the product.
+        stats = () if z_coefficients is None else (mean, rstd, *z_coefficients)
+        ctx.save_for_backward(x, gamma_w, beta_w, *stats)
         ctx.gate = (groups, eps, gate_mode, threshold)
         return _reconstruct(xz, *_weighted(xz, z, gate_mode, threshold))
 
     @staticmethod
     def backward(ctx, g_a, g_b):
-        x, gamma_w, beta_w = ctx.saved_tensors
+        x, gamma_w, beta_w, *stats = ctx.saved_tensors
         groups, eps, gate_mode, threshold = ctx.gate
-        z, mean, rstd = normalised(x, gamma_w, beta_w, groups, eps)
-        xz = _as(x, z.dtype)
+        if stats:
+            mean, rstd, a, b = stats
+            xz = _as(x, a.dtype)
+            z = torch.addcmul(b, xz, a)  # the forward's z, bit for bit
+        else:
+            z, mean, rstd, _ = normalised(x, gamma_w, beta_w, groups, eps)
+            xz = _as(x, z.dtype)
         dx, dz = _gate_backward(xz, z, g_a, g_b, gate_mode, threshold)
         d_gamma_w = d_beta_w = None
         if dz is not None and x.device.type in GROUP_NORM_BACKWARD_KERNEL_DEVICES:
