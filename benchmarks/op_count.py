@@ -20,7 +20,6 @@ GroupNorm backward kernel; the 1x1 convs stay convs on channels_last inputs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from ablate.config import ModelConfig, SCConvConfig
 from ablate.models import build_model, list_models
 from ablate.nn import SCConv
-from ablate.nn import efficient_sru
+from ablate.nn.efficient_sru import code_path
 from ablate.profile import count_ops
 from ablate.table import format_table
 
@@ -38,19 +37,6 @@ GATES = (("binary", "pairwise"), ("reference", "global"), ("soft", "global"), ("
 IMPLS = (("reference", "reference", "never"), ("efficient keep", "efficient", "never"),
          ("efficient recompute", "efficient", "always"))
 PATHS = ("cpu", "gpu")
-
-
-@contextlib.contextmanager
-def code_path(path: str):
-    """Run the efficient SCConv's branches for ``path`` ("gpu": those CUDA takes) on this CPU."""
-    saved = (efficient_sru.GROUP_NORM_ANY_LAYOUT_DEVICES, efficient_sru.GROUP_NORM_BACKWARD_KERNEL_DEVICES)
-    if path == "gpu":
-        efficient_sru.GROUP_NORM_ANY_LAYOUT_DEVICES = ()
-        efficient_sru.GROUP_NORM_BACKWARD_KERNEL_DEVICES = ("cpu", "cuda")
-    try:
-        yield torch.channels_last if path == "gpu" else torch.contiguous_format
-    finally:
-        efficient_sru.GROUP_NORM_ANY_LAYOUT_DEVICES, efficient_sru.GROUP_NORM_BACKWARD_KERNEL_DEVICES = saved
 
 
 def step_ops(model: torch.nn.Module, x: torch.Tensor) -> int:

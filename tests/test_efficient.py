@@ -11,8 +11,8 @@ from ablate.nn import CRU, SRU, SCConv, convert, iter_gates, set_keep_stats
 from ablate.nn import efficient_cru, efficient_sru
 from ablate.nn.efficient import RECOMPUTE_MIN_BYTES, EfficientCRU, EfficientSRU
 from ablate.nn.efficient_cru import pointwise, pointwise_as_bmm
-from ablate.nn.efficient_sru import normalised, normalised_any_layout
-from ablate.profile import saved_activation_bytes as kept_bytes
+from ablate.nn.efficient_sru import code_path, normalised, normalised_any_layout
+from ablate.profile import count_ops, saved_activation_bytes as kept_bytes
 
 # In == out with a PWC2, and in != out where the squeezed lower path fills the output (no PWC2).
 CHANNEL_CASES = [(16, 16), (16, 4)]
@@ -376,32 +376,23 @@ def test_same_function_with_groupnorm_backward_kernel(gate_mode, memory_format, 
         assert_same_function(reference, efficient, x)
 
 
-def gpu_code_path(monkeypatch):
-    """Take the branches CUDA takes on channels_last inputs, on this CPU: the GroupNorm statistics from a grouped
-    view (z = x * a + b) and PyTorch's GroupNorm backward kernel."""
-    monkeypatch.setattr(efficient_sru, "GROUP_NORM_ANY_LAYOUT_DEVICES", ())
-    monkeypatch.setattr(efficient_sru, "GROUP_NORM_BACKWARD_KERNEL_DEVICES", ("cpu", "cuda"))
-
-
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
-def test_same_function_on_the_gpu_code_path(gate_mode, monkeypatch):
+def test_same_function_on_the_gpu_code_path(gate_mode):
     # The forward keeps the statistics and z's coefficients there, and the backward rebuilds z from them.
-    gpu_code_path(monkeypatch)
-    x = random_input(16).contiguous(memory_format=torch.channels_last)
-    for recompute in ("never", "always", "sru"):
-        reference, efficient = pair(16, 16, 1, gate_mode=gate_mode, attention="pairwise", recompute=recompute)
-        assert_same_function(reference, efficient, x)
+    with code_path("gpu") as memory_format:
+        x = random_input(16).contiguous(memory_format=memory_format)
+        for recompute in ("never", "always", "sru"):
+            reference, efficient = pair(16, 16, 1, gate_mode=gate_mode, attention="pairwise", recompute=recompute)
+            assert_same_function(reference, efficient, x)
 
 
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
-def test_gpu_code_path_computes_the_groupnorm_statistics_once_per_step(gate_mode, monkeypatch):
+def test_gpu_code_path_computes_the_groupnorm_statistics_once_per_step(gate_mode):
     # Each operation is a kernel launch on a GPU, where SCConv's step time follows their number: the backward
     # rebuilds z from what the forward kept, with no second reduction over the input.
-    from ablate.profile import count_ops
-
-    gpu_code_path(monkeypatch)
     _, efficient = pair(16, 16, 1, gate_mode=gate_mode, recompute="never")
-    x = random_input(16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    ops = count_ops(lambda: efficient(x).sum().backward())
+    with code_path("gpu") as memory_format:
+        x = random_input(16).contiguous(memory_format=memory_format).requires_grad_(True)
+        ops = count_ops(lambda: efficient(x).sum().backward())
     assert ops["var_mean"] == 1
     assert "native_group_norm" not in ops

@@ -10,14 +10,15 @@ def op_count(benchmark_script):
     return benchmark_script("op_count")
 
 
-def test_efficient_layer_dispatches_at_most_a_third_more_than_the_reference_on_the_gpu_path(op_count):
+def test_efficient_layer_dispatches_at_most_a_fifth_more_than_the_reference_on_the_gpu_path(op_count):
     # On an H200 the eager step time tracked the operation count (benchmarks/README.md): before the grouped
-    # GroupNorm statistics and the GroupNorm backward kernel, the GPU path dispatched 1.59-1.93x the reference's.
+    # GroupNorm statistics and the GroupNorm backward kernel, the GPU path dispatched 1.59-1.93x the reference's,
+    # 1.21-1.25x before the backward rebuilt z from the forward's coefficients, 1.09-1.14x since.
     rows = [row for row in op_count.layer_rows() if row[1] == "gpu"]
     assert len(rows) == len(op_count.GATES)
     for row in rows:
         reference, keep = int(row[2]), int(row[3].split()[0])
-        assert keep <= 1.35 * reference, row
+        assert keep <= 1.2 * reference, row
 
 
 def test_code_path_switches_the_efficient_branches_and_restores_them(op_count):

@@ -11,7 +11,9 @@ forward's per-channel coefficients, in one operation) and applies the GroupNorm 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -29,6 +31,25 @@ GROUP_NORM_BACKWARD_KERNEL_DEVICES = ("cuda",)
 #: Devices whose ``native_group_norm`` takes channels_last inputs without a copy; elsewhere such inputs are
 #: normalised by ``normalised_any_layout``.
 GROUP_NORM_ANY_LAYOUT_DEVICES = ("cpu",)
+
+
+@contextlib.contextmanager
+def code_path(path: str) -> Iterator[torch.memory_format]:
+    """Within it, take the branches that ``path`` ("gpu": those CUDA takes on channels_last inputs; "cpu": this
+    CPU's own) takes, on any device; yields the memory format that path's inputs come in. For counting a GPU's
+    operations and testing its branches on a CPU."""
+    saved = (GROUP_NORM_ANY_LAYOUT_DEVICES, GROUP_NORM_BACKWARD_KERNEL_DEVICES)
+    if path == "gpu":
+        _set_devices((), ("cpu", "cuda"))
+    try:
+        yield torch.channels_last if path == "gpu" else torch.contiguous_format
+    finally:
+        _set_devices(*saved)
+
+
+def _set_devices(any_layout: tuple[str, ...], backward_kernel: tuple[str, ...]) -> None:
+    global GROUP_NORM_ANY_LAYOUT_DEVICES, GROUP_NORM_BACKWARD_KERNEL_DEVICES
+    GROUP_NORM_ANY_LAYOUT_DEVICES, GROUP_NORM_BACKWARD_KERNEL_DEVICES = any_layout, backward_kernel
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
