@@ -396,3 +396,11 @@ def test_gpu_code_path_computes_the_groupnorm_statistics_once_per_step(gate_mode
         ops = count_ops(lambda: efficient(x).sum().backward())
     assert ops["var_mean"] == 1
     assert "native_group_norm" not in ops
+
+
+def test_gpu_code_path_compiles_to_the_same_function():
+    # What compiled CUDA training traces: the kept statistics and coefficients go through the compiler too.
+    with code_path("gpu") as memory_format:
+        reference, efficient = pair(16, 16, 1, gate_mode="reference", attention="global")
+        compiled = torch.compile(efficient, backend="aot_eager", fullgraph=True)
+        assert_same_function(reference, efficient, large_input().contiguous(memory_format=memory_format), call=compiled)
