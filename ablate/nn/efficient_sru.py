@@ -66,8 +66,7 @@ def normalised(x: Tensor, gamma_w: Tensor, beta_w: Tensor, groups: int, eps: flo
     """(z, mean, rstd, coefficients) with z = GroupNorm(x) * w as a new float32-or-wider tensor; mean, rstd
     per (N, G). ``coefficients``: the (a, b) of z = x * a + b where z was computed so (``normalised_any_layout``),
     else None."""
-    # Like the reference's GroupNorm under autocast: statistics and z in float32.
-    x = x.float() if x.dtype in _LOW_PRECISION else x
+    x = _float(x)
     n, c, h, w = x.shape
     # PyTorch's own kernel (one pass for the statistics, one for z) takes any layout on the CPU, NCHW elsewhere.
     if x.device.type in GROUP_NORM_ANY_LAYOUT_DEVICES or x.is_contiguous():
@@ -100,6 +99,12 @@ def per_channel(t: Tensor, weight: Tensor) -> Tensor:
     return t[:, :, None] * weight
 
 
+def _float(x: Tensor) -> Tensor:
+    """``x`` in float32 where it is in a low precision, else as it is: like the reference's GroupNorm under
+    autocast, statistics and z in float32, and the reference's W1 * x is float32 under autocast too."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -119,11 +124,11 @@ class SRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma_w, beta_w, groups, eps, gate_mode, threshold, probe):
-        z, mean, rstd, z_coefficients = normalised(x, gamma_w, beta_w, groups, eps)
+        xz = _float(x)  # once, for the statistics and the gate alike
+        z, mean, rstd, z_coefficients = normalised(xz, gamma_w, beta_w, groups, eps)
         if probe is not None:
             r = torch.sigmoid(z)
             probe.last_r, probe.last_mask = r, r > threshold
-        xz = _as(x, z.dtype)  # the reference's W1 * x is float32 under autocast too
         # Where z = x * a + b (the GPU's channels_last path), the statistics and (a, b) are kept, (N, C) values
         # each, so that backward rebuilds z in one operation instead of seven (a kernel launch each on a GPU).
         # The kernel's path keeps x alone: on the CPU the kernel rebuilds z faster than the product.
@@ -136,13 +141,12 @@ class SRUFunction(torch.autograd.Function):
     def backward(ctx, g_a, g_b):
         x, gamma_w, beta_w, *stats = ctx.saved_tensors
         groups, eps, gate_mode, threshold = ctx.gate
+        xz = _float(x)
         if stats:
             mean, rstd, a, b = stats
-            xz = _as(x, a.dtype)
             z = torch.addcmul(b, xz, a)  # the forward's z, bit for bit
         else:
-            z, mean, rstd, _ = normalised(x, gamma_w, beta_w, groups, eps)
-            xz = _as(x, z.dtype)
+            z, mean, rstd, _ = normalised(xz, gamma_w, beta_w, groups, eps)
         dx, dz = _gate_backward(xz, z, g_a, g_b, gate_mode, threshold)
         d_gamma_w = d_beta_w = None
         if dz is not None and x.device.type in GROUP_NORM_BACKWARD_KERNEL_DEVICES:
